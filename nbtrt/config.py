@@ -1,0 +1,110 @@
+"""The unified decoder configuration stored in every checkpoint's config.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._io import ArtifactError
+
+DTYPES = ("float32", "float16", "bfloat16")
+ROPE_TYPES = {
+    # rope_type -> parameters the type needs besides rope_theta (never defaulted silently)
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclass
+class DecoderConfig:
+    """Everything the one nbtrt decoder needs; architectures differ only in these flags.
+
+    >>> cfg = DecoderConfig(architecture="LlamaForCausalLM", vocab_size=128, hidden_size=64,
+    ...                     intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+    ...                     rope_theta=10000.0)
+    >>> cfg.head_dim, cfg.qkv_size
+    (16, 128)
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0 -> hidden_size // num_heads
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-6
+    activation: str = "silu"  # "silu" | "gelu_tanh" | "gelu"
+    gated_mlp: bool = True  # SwiGLU-style gate * up, else plain up -> act -> down
+    position: str = "rope"  # "rope" | "learned"
+    max_position_embeddings: int = 2048
+    rope_theta: float | None = None
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...}
+    attn_scale: float | None = None  # None -> 1/sqrt(head_dim)
+    sliding_window: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    quantization: dict = field(default_factory=dict)  # {} means unquantized
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.position == "rope":
+            if self.rope_theta is None:
+                raise ValueError("rope position embedding needs rope_theta")
+            rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {sorted(ROPE_TYPES)})")
+            missing = [k for k in ROPE_TYPES[rope_type] if k not in (self.rope_scaling or {})]
+            if missing:
+                raise ValueError(f"rope_type {rope_type!r} needs {missing} in rope_scaling")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DecoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError(f"unknown decoder config keys {unknown}; was this written by a newer nbtrt?")
+        return cls(**data)
+
+
+def load_checkpoint_config(ckpt_dir: str | Path) -> tuple[DecoderConfig, dict]:
+    """Read an nbtrt checkpoint's config.json -> (decoder config, provenance block)."""
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        raise ArtifactError(f"{ckpt_dir} is not an nbtrt checkpoint: config.json is missing")
+    data = json.loads(path.read_text())
+    if "decoder" not in data:
+        raise ArtifactError(
+            f"{path} has no 'decoder' block: this looks like a HuggingFace directory; "
+            "run nbtrt.convert() on it first"
+        )
+    return DecoderConfig.from_dict(data["decoder"]), data.get("nbtrt", {})

@@ -1,0 +1,289 @@
+"""Engines: what ``build`` writes and ``load`` returns.
+
+Every backend implements three things — ``_build_files`` (write its files into a new
+engine directory), ``begin`` (start a batch: reset the KV cache) and ``step`` (run new
+tokens through the model, return logits) — and inherits one generation loop, streaming
+and text helpers from :class:`Engine`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import torch
+
+from ._io import ArtifactError, atomic_dir, copy_tokenizer_files, file_sha256, read_json, write_json
+from .checkpoint import checkpoint_hash
+from .config import DecoderConfig, load_checkpoint_config
+from .generate import GenerationError, GenerationState, SamplingParams, generate_tokens
+
+ENGINE_JSON = "engine.json"
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if min(self.max_batch_size, self.max_input_len, self.max_seq_len) < 1:
+            raise ValueError(f"engine limits must be positive, got {self}")
+        if self.max_input_len > self.max_seq_len:
+            raise ValueError(f"max_input_len ({self.max_input_len}) must not exceed max_seq_len ({self.max_seq_len})")
+
+
+BACKENDS: dict[str, type["Engine"]] = {}
+
+
+def register_backend(cls: type["Engine"]) -> type["Engine"]:
+    BACKENDS[cls.backend] = cls
+    return cls
+
+
+class Engine:
+    """Base of all engines: one interface, one generation loop.
+
+    >>> engine = nbtrt.load("work/engine")  # doctest: +SKIP
+    >>> engine.generate(["Hi!"], max_new_tokens=8)  # doctest: +SKIP
+    """
+
+    backend: ClassVar[str] = ""
+
+    def __init__(self, engine_dir: Path, manifest: dict):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.config = DecoderConfig.from_dict(manifest["decoder"])
+        self.limits = EngineLimits(**manifest["limits"])
+        self.generation_config = _read_optional_json(self.engine_dir / "generation_config.json")
+        self._tokenizer = None
+        self._lock = threading.Lock()  # one request at a time per engine
+
+    # ------------------------------------------------------------------ backend API
+    @classmethod
+    def available(cls) -> str | None:
+        """None when this backend can run here, else the reason it cannot."""
+        return None
+
+    @classmethod
+    def _build_files(cls, ckpt_dir: Path, out: Path, cfg: DecoderConfig, limits: EngineLimits,
+                     options: dict) -> dict:
+        """Write the backend's files into ``out``; return options worth recording."""
+        raise NotImplementedError
+
+    device: torch.device = torch.device("cpu")
+
+    def begin(self, batch_size: int) -> None:
+        raise NotImplementedError
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Feed [B, T] new tokens; ``attention_mask`` [B, past+T] marks real tokens. Returns last-position logits [B, V]."""
+        raise NotImplementedError
+
+    def capture(self, input_ids: list[list[int]], names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Prefill ``input_ids`` (a fresh batch) and return (logits [B, T, V], {name: tensor}) for the
+        named intermediate tensors. Names are nbtrt module names (see :mod:`nbtrt.model`), e.g.
+        ``"embed"``, ``"layers.3.attn"``, ``"layers.3"``, ``"final_norm"``. Tensors come back on the CPU."""
+        raise NotImplementedError(f"{type(self).__name__} cannot capture intermediate tensors")
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not (self.engine_dir / "tokenizer_config.json").is_file() and not (self.engine_dir / "tokenizer.json").is_file():
+                raise GenerationError(f"engine {self.engine_dir} has no tokenizer files; pass input_ids instead of text")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.engine_dir)
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.generation_config.get("pad_token_id")
+        if pad is None:
+            eos = self.generation_config.get("eos_token_id")
+            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        return int(pad)
+
+    def sampling(self, **overrides) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+
+    def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        lim = self.limits
+        if not prompts:
+            raise GenerationError("no prompts given")
+        if len(prompts) > lim.max_batch_size:
+            raise GenerationError(f"{len(prompts)} prompts exceed this engine's max_batch_size={lim.max_batch_size}; "
+                                  "split the request or rebuild with a larger max_batch_size")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise GenerationError(f"prompt {i} is empty")
+            if len(p) > lim.max_input_len:
+                raise GenerationError(f"prompt {i} has {len(p)} tokens, more than this engine's "
+                                      f"max_input_len={lim.max_input_len}; shorten it or rebuild the engine")
+            bad = [t for t in p if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise GenerationError("prompt is empty")
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def generate(self, prompts: str | list[str] | None = None, *, input_ids: list[list[int]] | None = None,
+                 **sampling) -> list[str] | list[list[int]]:
+        """Generate for a batch. Text in -> list of str; ``input_ids`` in -> list of new token id lists.
+
+        >>> engine.generate(["Hi!"], max_new_tokens=16)  # doctest: +SKIP
+        >>> engine.generate(input_ids=[[1, 2, 3]], max_new_tokens=4)  # doctest: +SKIP
+        """
+        if (prompts is None) == (input_ids is None):
+            raise GenerationError("pass either prompts (text) or input_ids, not both")
+        params = self.sampling(**sampling)
+        as_text = input_ids is None
+        if as_text:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            input_ids = [self.encode(p) for p in prompts]
+        state = GenerationState(input_ids)
+        with self._lock:
+            for _ in generate_tokens(self, input_ids, params, state=state):
+                pass
+        if not as_text:
+            return state.tokens
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in state.tokens]
+
+    def stream(self, prompt: str | list[int], cancel: threading.Event | None = None, **sampling) -> Iterator[str]:
+        """Yield text deltas as tokens arrive; their concatenation equals the full decode.
+
+        >>> for delta in engine.stream("Hi!", max_new_tokens=16): print(delta, end="")  # doctest: +SKIP
+        """
+        params = self.sampling(**sampling)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        tokens: list[int] = []
+        shown = ""
+        with self._lock:
+            for step in generate_tokens(self, [ids], params, cancel=cancel):
+                if step[0] is None:
+                    break
+                tokens.append(step[0])
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                # hold back an incomplete multi-byte character until its last byte arrives
+                if text.endswith("\ufffd"):
+                    continue
+                if len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"<{type(self).__name__} {c.architecture} {c.dtype} layers={c.num_layers} "
+                f"limits={asdict(self.limits)} dir={self.engine_dir}>")
+
+
+def _read_optional_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def default_backend() -> str:
+    """The one place the runtime is chosen: TensorRT where it runs, else ONNX Runtime, else torch."""
+    for name in ("tensorrt", "onnxruntime", "torch"):
+        if name in BACKENDS and BACKENDS[name].available() is None:
+            return name
+    raise RuntimeError("no engine backend can run on this machine")
+
+
+def build(ckpt: str | Path, out: str | Path, *, backend: str | None = None, max_batch_size: int = 8,
+          max_input_len: int = 1024, max_seq_len: int = 2048, overwrite: bool = False, **options) -> Path:
+    """Build an engine directory from an nbtrt checkpoint.
+
+    >>> edir = build("work/ckpt", "work/engine", backend="torch", max_batch_size=4)  # doctest: +SKIP
+    """
+    _ensure_backends()
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {sorted(BACKENDS)}")
+    reason = BACKENDS[backend].available()
+    if reason:
+        raise RuntimeError(f"backend {backend!r} cannot build here: {reason}")
+    ckpt = Path(ckpt)
+    cfg, _ = load_checkpoint_config(ckpt)
+    limits = EngineLimits(max_batch_size, max_input_len, max_seq_len)
+    if cfg.position == "learned" and max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        copy_tokenizer_files(ckpt, tmp)
+        recorded = BACKENDS[backend]._build_files(ckpt, tmp, cfg, limits, options)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        from . import __version__
+
+        write_json(tmp / ENGINE_JSON, {
+            "backend": backend,
+            "decoder": cfg.to_dict(),
+            "limits": asdict(limits),
+            "options": recorded,
+            "checkpoint": {"path": str(ckpt.resolve()), "content_sha256": checkpoint_hash(ckpt)},
+            "files": files,
+            "nbtrt_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+    return out
+
+
+def load(engine_dir: str | Path, *, verify: bool = True, **backend_options) -> Engine:
+    """Load an engine directory written by :func:`build`.
+
+    >>> engine = load("work/engine")  # doctest: +SKIP
+    """
+    _ensure_backends()
+    engine_dir = Path(engine_dir)
+    if not (engine_dir / ENGINE_JSON).is_file():
+        raise ArtifactError(f"{engine_dir} is not an engine directory ({ENGINE_JSON} missing); build one with nbtrt.build()")
+    manifest = read_json(engine_dir / ENGINE_JSON)
+    backend = manifest.get("backend")
+    if backend not in BACKENDS:
+        raise ArtifactError(f"{engine_dir} needs backend {backend!r}, which this nbtrt does not know ({sorted(BACKENDS)})")
+    reason = BACKENDS[backend].available()
+    if reason:
+        raise RuntimeError(f"{engine_dir} was built for {backend!r}, which cannot run here: {reason}")
+    for name, info in manifest.get("files", {}).items():
+        path = engine_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{engine_dir}: {name} listed in {ENGINE_JSON} is missing; rebuild the engine")
+        if path.stat().st_size != info["bytes"] or (verify and file_sha256(path) != info["sha256"]):
+            raise ArtifactError(f"{engine_dir}: {name} does not match {ENGINE_JSON} (changed or from another build); "
+                                "rebuild the engine")
+    return BACKENDS[backend](engine_dir, manifest, **backend_options)
+
+
+def _ensure_backends() -> None:
+    """Import the backend modules so they register (lazy: onnx/tensorrt import only when used)."""
+    from . import backends  # noqa: F401
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("build", help="nbtrt checkpoint -> engine directory")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--backend", default=None, help="tensorrt | onnxruntime | torch (default: best available)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=lambda a: print(build(a.ckpt, a.out, backend=a.backend, max_batch_size=a.max_batch_size,
+                                             max_input_len=a.max_input_len, max_seq_len=a.max_seq_len,
+                                             overwrite=a.overwrite)))
