@@ -70,7 +70,11 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = False) -> tuple[De
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path} is unreadable or truncated ({e}); re-run the stage that wrote it") from None
-    if not cfg.quantization:
+    if cfg.quantization:
+        from .quantize.formats import check_quantized_tensors
+
+        check_quantized_tensors(cfg, tensors, str(ckpt_dir))
+    else:
         check_tensors(cfg, tensors, str(ckpt_dir))
     return cfg, tensors
 

@@ -140,6 +140,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+        # hook points for KV-cache quantization (nbtrt.quantize swaps in fake-quantizers)
+        self.k_quant, self.v_quant = nn.Identity(), nn.Identity()
 
     def forward(self, x, rope, mask, kv, cache_position):
         cfg = self.cfg
@@ -154,7 +156,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        k, v = kv.update(self.index, k, v, cache_position)
+        k, v = kv.update(self.index, self.k_quant(k), self.v_quant(v), cache_position)
         groups = cfg.num_heads // cfg.num_kv_heads
         if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
             k = k.repeat_interleave(groups, dim=1)
@@ -314,6 +316,10 @@ def decoder_from_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor],
         model = Decoder(cfg)
     if cfg.tie_embeddings:
         tensors = {**tensors, "lm_head.weight": tensors["embed.tok.weight"]}
+    if cfg.quantization:  # quantized linears replace nn.Linear children before the weights load
+        from .quantize.formats import prepare_model
+
+        prepare_model(model, cfg)
     model.load_state_dict(tensors, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.tok.weight
