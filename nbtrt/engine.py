@@ -19,7 +19,8 @@ import torch
 from ._io import ArtifactError, atomic_dir, copy_tokenizer_files, file_sha256, read_json, write_json
 from .checkpoint import checkpoint_hash
 from .config import DecoderConfig, load_checkpoint_config
-from .generate import GenerationError, GenerationState, SamplingParams, generate_tokens
+from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_length, exclusive,
+                       generate_text, generate_tokens)
 
 ENGINE_JSON = "engine.json"
 
@@ -138,11 +139,15 @@ class Engine:
             raise GenerationError("prompt is empty")
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
-    def generate(self, prompts: str | list[str] | None = None, *, input_ids: list[list[int]] | None = None,
+    def generate(self, prompts: str | list[str | list[int]] | None = None, *, input_ids: list[list[int]] | None = None,
+                 cancel: threading.Event | None = None, stats: GenerationStats | None = None,
                  **sampling) -> list[str] | list[list[int]]:
-        """Generate for a batch. Text in -> list of str; ``input_ids`` in -> list of new token id lists.
+        """Generate for a batch (prompts of any lengths, left-padded). ``prompts`` (each text or token
+        ids) -> list of str; ``input_ids`` -> list of new token id lists. Options (``max_new_tokens``, ``temperature``,
+        ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop_strings``, ...) overlay the
+        model's generation_config.json.
 
-        >>> engine.generate(["Hi!"], max_new_tokens=16)  # doctest: +SKIP
+        >>> engine.generate(["Hi!", "Tell me a joke."], max_new_tokens=16)  # doctest: +SKIP
         >>> engine.generate(input_ids=[[1, 2, 3]], max_new_tokens=4)  # doctest: +SKIP
         """
         if (prompts is None) == (input_ids is None):
@@ -151,39 +156,42 @@ class Engine:
         as_text = input_ids is None
         if as_text:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            input_ids = [self.encode(p) for p in prompts]
-        state = GenerationState(input_ids)
-        with self._lock:
-            for _ in generate_tokens(self, input_ids, params, state=state):
-                pass
-        if not as_text:
-            return state.tokens
-        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in state.tokens]
+            input_ids = [list(p) if isinstance(p, (list, tuple)) else self.encode(p) for p in prompts]
+        input_ids = [list(p) for p in input_ids]
+        state = GenerationState(input_ids, stats=stats or GenerationStats())
+        texts = [""] * len(input_ids)
+        with exclusive(self):
+            if as_text or params.stop_strings:
+                for deltas in generate_text(self, input_ids, params, cancel=cancel, state=state):
+                    texts = [t + d for t, d in zip(texts, deltas)]
+            else:
+                for _ in generate_tokens(self, input_ids, params, cancel=cancel, state=state):
+                    pass
+        return texts if as_text else state.tokens
 
-    def stream(self, prompt: str | list[int], cancel: threading.Event | None = None, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], cancel: threading.Event | None = None,
+               stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
         """Yield text deltas as tokens arrive; their concatenation equals the full decode.
+        ``prompt`` is text or token ids (e.g. from :func:`nbtrt.chat.apply_chat_template`).
+        Setting ``cancel`` (a ``threading.Event``, from any thread) ends the stream within one
+        step; ``stats`` (a :class:`GenerationStats`) fills in TTFT and tokens/s as it runs.
+        Bad input raises here, before anything runs.
 
         >>> for delta in engine.stream("Hi!", max_new_tokens=16): print(delta, end="")  # doctest: +SKIP
         """
         params = self.sampling(**sampling)
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        tokens: list[int] = []
-        shown = ""
-        with self._lock:
-            for step in generate_tokens(self, [ids], params, cancel=cancel):
-                if step[0] is None:
-                    break
-                tokens.append(step[0])
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                # hold back an incomplete multi-byte character until its last byte arrives
-                if text.endswith("\ufffd"):
-                    continue
-                if len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > len(shown):
-            yield text[len(shown):]
+        ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt)
+        self.check_request([ids], params.max_new_tokens)
+        check_length(self, [ids], params.max_new_tokens)
+        state = GenerationState([ids], stats=stats or GenerationStats())
+
+        def deltas() -> Iterator[str]:
+            with exclusive(self):
+                for step in generate_text(self, [ids], params, cancel=cancel, state=state):
+                    if step[0]:
+                        yield step[0]
+
+        return deltas()
 
     def __repr__(self) -> str:
         c = self.config
