@@ -1,0 +1,195 @@
+"""The ONNX Runtime engine: runs the exact graph TensorRT would parse (see :mod:`nbtrt.export`).
+
+This is the check that the ONNX contract computes the HF function; on a machine without
+TensorRT it is also the default engine. The KV cache stays in ONNX Runtime's own memory
+between steps: each step's ``present`` OrtValues are bound as the next step's ``past``
+(IO binding), so the cache never round-trips through numpy.
+
+>>> engine = nbtrt.load(nbtrt.build("work/ckpt", "work/engine", backend="onnxruntime"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine import Engine, register_backend
+from ..export import MODEL_FILE, export_onnx, input_names, output_names, with_outputs
+from ..generate import GenerationError
+
+BUILD_OPTIONS = {"dtype": None}  # export precision; None keeps the checkpoint's
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def positions_from_mask(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Position ids of the last ``new_tokens`` slots: left padding does not advance the position."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_tokens:]
+
+
+def check_build_options(backend: str, options: dict, known: dict) -> dict:
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"backend {backend!r} has no build options {unknown}; it takes {sorted(known)}")
+    return {**known, **options}
+
+
+def export_into(ckpt_dir: Path, out: Path, cfg, dtype: str | None) -> None:
+    """Export the checkpoint's decoder into the engine directory; the engine's precision is the export's."""
+    export_onnx(ckpt_dir, out, dtype=dtype)
+    if dtype:
+        cfg.dtype = dtype  # engine.json records the engine's precision, not the checkpoint's
+
+
+@register_backend
+class OnnxRuntimeEngine(Engine):
+    """The exported graph run by ONNX Runtime (CUDA provider where onnxruntime-gpu is installed, else CPU)."""
+
+    backend = "onnxruntime"
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return f"{e.name} is not installed (pip install onnx onnxruntime)"
+        return None
+
+    @classmethod
+    def _build_files(cls, ckpt_dir, out, cfg, limits, options):
+        options = check_build_options(cls.backend, options, BUILD_OPTIONS)
+        export_into(ckpt_dir, out, cfg, options["dtype"])
+        return options
+
+    def __init__(self, engine_dir: Path, manifest: dict, provider: str | None = None, threads: int = 0,
+                 io_binding: bool = True, accuracy_level: int = 1):
+        """``threads=0`` lets ONNX Runtime use one thread per physical core (its default).
+
+        ``accuracy_level`` is the compute precision ONNX Runtime picks when it fuses a quantized
+        weight's DequantizeLinear -> MatMul into its MatMulNBits kernel: 1 computes in fp32, exactly
+        what the graph says; 4 (ONNX Runtime's own default) also quantizes the activations to int8
+        on the fly, faster but no longer the function TensorRT is given.
+        """
+        super().__init__(engine_dir, manifest)
+        import onnxruntime as ort
+
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.intra_op_num_threads = threads
+        self.options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        q = self.config.quantization
+        if "fp8" in (q.get("format"), q.get("kv_cache")):
+            # ONNX Runtime 1.31 fuses an FP8 DequantizeLinear -> MatMul into MatMulIntegerToFloat,
+            # which then rejects float8 inputs; unfused, its FP8 Q/DQ kernels run the graph as written
+            self.options.add_session_config_entry("session.disable_quant_qdq", "1")
+        available = ort.get_available_providers()
+        self.provider = provider or ("CUDAExecutionProvider" if "CUDAExecutionProvider" in available
+                                     else "CPUExecutionProvider")
+        if self.provider not in available:
+            raise RuntimeError(f"ONNX Runtime provider {self.provider} is not available here ({available})")
+        self.ort_device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.session = self._session(engine_dir / MODEL_FILE)
+        self.io_binding = io_binding
+        self.kv_dtype = NUMPY_DTYPES.get(self.config.dtype, np.float32)
+        self.past_names = input_names(self.config)[3:]
+        self.output_names = output_names(self.config)
+        self._past: list = []
+        self._past_len = 0
+        self._capture = None  # (names, session) of the last capture graph
+        self._batch = 0
+
+    def _session(self, path: Path):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(path), self.options, providers=[self.provider])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types; name the file and the remedy
+            raise RuntimeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}; "
+                               "the file is corrupted or incomplete: rebuild the engine") from None
+
+    # ------------------------------------------------------------------ engine API
+    def begin(self, batch_size: int) -> None:
+        if batch_size > self.limits.max_batch_size:
+            raise GenerationError(f"batch of {batch_size} exceeds this engine's max_batch_size="
+                                  f"{self.limits.max_batch_size}; rebuild with a larger max_batch_size")
+        cfg = self.config
+        empty = np.zeros((batch_size, cfg.num_kv_heads, 0, cfg.head_dim), self.kv_dtype)
+        self._past = [self._ortvalue(empty) for _ in self.past_names]
+        self._batch, self._past_len = batch_size, 0
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        if not self._past or self._batch != B:
+            raise GenerationError(f"call begin({B}) before stepping a batch of {B}")
+        if self._past_len + T > self.limits.max_seq_len:
+            raise GenerationError(f"sequence would reach {self._past_len + T} tokens, beyond this engine's "
+                                  f"max_seq_len={self.limits.max_seq_len}")
+        if self._past_len == 0 and T > self.limits.max_input_len:
+            raise GenerationError(f"prompt of {T} tokens exceeds this engine's max_input_len={self.limits.max_input_len}")
+        outs = self._run(self.session, input_ids, attention_mask, self.output_names)
+        self._past = outs[1:]
+        self._past_len += T
+        return torch.from_numpy(self._numpy(outs[0])[:, -1])
+
+    def _run(self, session, input_ids, attention_mask, names: list[str]) -> list:
+        """One forward through the graph with ``self._past``; returns the named outputs (OrtValues
+        under IO binding, numpy arrays otherwise)."""
+        T = input_ids.shape[1]
+        feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64),
+                 "position_ids": positions_from_mask(attention_mask, T).cpu().numpy(),
+                 "attention_mask": attention_mask.cpu().numpy().astype(np.int64)}
+        if not self.io_binding:
+            return session.run(names, {**feeds, **dict(zip(self.past_names, self._past))})
+        binding = session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, self._ortvalue(array))
+        for name, value in zip(self.past_names, self._past):
+            binding.bind_ortvalue_input(name, value)
+        for name in names:
+            binding.bind_output(name, self.ort_device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _ortvalue(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(array, self.ort_device, 0) if self.io_binding else array
+
+    def _numpy(self, value) -> np.ndarray:
+        return value.numpy() if self.io_binding else value
+
+    def capture(self, input_ids, names):
+        prompts = [list(p) for p in input_ids]
+        self.check_request(prompts, 1)
+        if len({len(p) for p in prompts}) != 1:
+            raise GenerationError("capture needs prompts of equal length (no padding)")
+        session, tensors = self._capture_session(list(names))
+        wanted = list(dict.fromkeys([*self.output_names, *tensors.values()]))
+        ids = torch.tensor(prompts)
+        self.begin(len(prompts))
+        outs = dict(zip(wanted, self._run(session, ids, torch.ones_like(ids), wanted)))
+        self._past = []  # a capture is not a generation step: the next request begins anew
+        logits = torch.from_numpy(self._numpy(outs["logits"])).float()
+        return logits, {n: torch.from_numpy(self._numpy(outs[t])).float() for n, t in tensors.items()}
+
+    def _capture_session(self, names: list[str]):
+        """A session over a copy of the graph with the requested module tensors as extra outputs."""
+        from ..export import module_outputs
+
+        table = module_outputs(self.engine_dir / MODEL_FILE)
+        if self._capture is None or self._capture[0] != names:
+            self._capture = None
+            tmp = Path(tempfile.mkdtemp(prefix="nbtrt-capture-"))
+            try:
+                path = with_outputs(self.engine_dir / MODEL_FILE, names, tmp)
+                session = self._session(path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            weakref.finalize(session, shutil.rmtree, tmp, True)
+            self._capture = (names, session)
+        return self._capture[1], {n: table[n] for n in names}

@@ -1,0 +1,323 @@
+"""ONNX export and the ONNX Runtime engine against the nbtrt reference (TorchEngine), for every
+architecture and both zoo models; graph checks TensorRT depends on; bad input at build and run time."""
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+from transformers import AutoConfig
+
+import nbtrt
+from nbtrt._io import ArtifactError
+from nbtrt.engine import default_backend
+from nbtrt.generate import GenerationError
+from nbtrt.testing import TINY, tiny_hf_model
+
+ARCHS = sorted(TINY)
+LIMITS = dict(max_batch_size=2, max_input_len=32, max_seq_len=64)
+
+
+def build_pair(ckpt, root, **limits):
+    """(ONNX Runtime engine, torch reference engine) built from one checkpoint."""
+    limits = {**LIMITS, **limits}
+    ort = nbtrt.load(nbtrt.build(ckpt, root / "engine-ort", backend="onnxruntime", **limits))
+    ref = nbtrt.load(nbtrt.build(ckpt, root / "engine-torch", backend="torch", **limits), device="cpu")
+    return ort, ref
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """arch -> (hf dir, ckpt, ort engine, torch engine), built on first use and kept for the module."""
+    root, made = tmp_path_factory.mktemp("onnx"), {}
+
+    def get(arch):
+        if arch not in made:
+            src = tiny_hf_model(arch, root / arch)
+            ckpt = nbtrt.convert(src, root / f"{arch}-ckpt")
+            made[arch] = (src, ckpt, *build_pair(ckpt, root / f"{arch}-engines"))
+        return made[arch]
+    return get
+
+
+def prefill_and_decode(engines, vocab, lengths=(12, 7), steps=16, seed=0):
+    """Max abs logit difference between engines over a left-padded prefill and ``steps`` decode steps."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    follow = torch.randint(0, vocab, (len(lengths), steps), generator=g)
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    for e in engines:
+        e.begin(len(lengths))
+    worst = 0.0
+    for t in range(steps + 1):
+        a, b = (e.step(ids, mask).float() for e in engines)
+        worst = max(worst, (a - b).abs().max().item())
+        ids = follow[:, t:t + 1]
+        mask = torch.cat([mask, torch.ones(len(lengths), 1, dtype=torch.long)], 1)
+    return worst
+
+
+def assert_contract(onnx_path, hf_dir):
+    """onnx.checker, default-domain ops only, and the I/O contract read against the HF config."""
+    onnx.checker.check_model(str(onnx_path))
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "custom-domain op in the graph"
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and not model.functions
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    hf = AutoConfig.from_pretrained(hf_dir)
+    layers = hf.num_hidden_layers
+    heads = hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    inputs = {v.name: dims(v) for v in model.graph.input}
+    outputs = {v.name: dims(v) for v in model.graph.output}
+    expected_in = {"input_ids": ["batch", "seq"], "position_ids": ["batch", "seq"],
+                   "attention_mask": ["batch", "total"]}
+    expected_out = {"logits": ["batch", "seq", hf.vocab_size]}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            expected_in[f"past_key_values.{i}.{kind}"] = ["batch", kv_heads, "past", head_dim]
+            expected_out[f"present.{i}.{kind}"] = ["batch", kv_heads, "total", head_dim]
+    assert inputs == expected_in
+    assert outputs == expected_out
+    names = [n.name for n in model.graph.node]
+    assert len(names) == len(set(names))
+    assert "/layers.0/attn/qkv/MatMul" in names and "/lm_head/MatMul" in names
+
+
+# ------------------------------------------------------------------------------ every architecture
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ort_matches_reference(tiny, arch):
+    src, ckpt, ort, ref = tiny(arch)
+    diff = prefill_and_decode([ort, ref], vocab=257)
+    assert diff <= 1e-3, f"{arch}: max abs logit difference {diff:.2e}"
+    assert_contract(ort.engine_dir / "model.onnx", src)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_matches_reference(tiny, arch):
+    src, ckpt, ort, ref = tiny(arch)
+    names = ["embed", "layers.0.attn_norm", "layers.0.attn", "layers.1.mlp", "layers.1", "final_norm", "lm_head"]
+    ids = [[5, 9, 2, 77, 100, 3], [1, 2, 3, 4, 5, 6]]
+    logits, ours = ort.capture(ids, names)
+    ref_logits, theirs = ref.capture(ids, names)
+    assert list(ours) == names
+    for name in names:
+        assert ours[name].dtype == torch.float32 and ours[name].shape == theirs[name].shape, name
+        diff = (ours[name] - theirs[name]).abs().max().item()
+        assert diff <= 1e-4, f"{arch} {name}: max abs {diff:.2e}"
+    assert (logits - ref_logits).abs().max().item() <= 1e-4
+    # only the requested tensors become extra outputs of the capture graph
+    session = ort._capture[1]
+    extra = [o.name for o in session.get_outputs()][1 + 2 * ort.config.num_layers:]
+    assert extra == [n for n in names if n != "lm_head"]
+
+
+def test_capture_unknown_name(tiny):
+    *_, ort, _ = tiny("LlamaForCausalLM")
+    with pytest.raises(KeyError, match="layers.99"):
+        ort.capture([[1, 2, 3]], ["layers.99.attn"])
+
+
+def test_without_io_binding_same_logits(tiny):
+    _, ckpt, ort, ref = tiny("Qwen2ForCausalLM")
+    plain = nbtrt.load(ort.engine_dir, io_binding=False)
+    assert prefill_and_decode([plain, ort], vocab=257, steps=4) == 0.0
+
+
+def test_default_backend_on_cpu_is_onnxruntime():
+    if not torch.cuda.is_available():
+        assert default_backend() == "onnxruntime"
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_limits_checked_at_build(tmp_path, tiny):
+    _, ckpt, *_ = tiny("Qwen2ForCausalLM")
+    with pytest.raises(ValueError, match="max_input_len"):
+        nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", max_input_len=128, max_seq_len=64)
+    with pytest.raises(ValueError, match="no build options.*workspace"):
+        nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", workspace=1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_limits_checked_at_run_time(tmp_path, tiny):
+    _, ckpt, *_ = tiny("Qwen2ForCausalLM")
+    engine = nbtrt.load(nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime",
+                                    max_batch_size=2, max_input_len=8, max_seq_len=12))
+    with pytest.raises(GenerationError, match="max_batch_size=2"):
+        engine.generate(input_ids=[[1, 2]] * 3, max_new_tokens=2)
+    with pytest.raises(GenerationError, match="max_batch_size=2"):
+        engine.begin(3)
+    with pytest.raises(GenerationError, match="max_input_len=8"):
+        engine.generate(input_ids=[list(range(9))], max_new_tokens=2)
+    engine.begin(1)
+    engine.step(torch.tensor([list(range(8))]), torch.ones(1, 8, dtype=torch.long))
+    for n in range(9, 13):
+        engine.step(torch.tensor([[1]]), torch.ones(1, n, dtype=torch.long))
+    with pytest.raises(GenerationError, match="max_seq_len=12"):
+        engine.step(torch.tensor([[1]]), torch.ones(1, 13, dtype=torch.long))
+
+
+def test_corrupted_onnx(tmp_path, tiny):
+    *_, ort, _ = tiny("MistralForCausalLM")
+    edir = tmp_path / "engine"
+    shutil.copytree(ort.engine_dir, edir)
+    with open(edir / "model.onnx", "r+b") as f:
+        f.write(b"\0" * 256)  # same size, unreadable header
+    with pytest.raises(ArtifactError, match="model.onnx does not match engine.json"):
+        nbtrt.load(edir)
+    with pytest.raises(RuntimeError, match="cannot load .*model.onnx.*rebuild the engine"):
+        nbtrt.load(edir, verify=False)
+
+
+def test_engine_from_another_checkpoint(tmp_path, tiny):
+    src, _, ort, _ = tiny("Qwen3ForCausalLM")
+    other_ckpt = nbtrt.convert(tiny_hf_model("Qwen3ForCausalLM", tmp_path / "other", seed=1), tmp_path / "ck")
+    other = nbtrt.build(other_ckpt, tmp_path / "other-engine", backend="onnxruntime", **LIMITS)
+    edir = tmp_path / "engine"
+    shutil.copytree(ort.engine_dir, edir)
+    shutil.copy(other / "model.onnx.data", edir / "model.onnx.data")  # same size, other weights
+    with pytest.raises(ArtifactError, match="model.onnx.data does not match engine.json"):
+        nbtrt.load(edir)
+    shutil.copytree(ort.engine_dir, edir, dirs_exist_ok=True)
+    shutil.copy(other / "engine.json", edir / "engine.json")  # a manifest that describes other files
+    with pytest.raises(ArtifactError, match="does not match engine.json"):
+        nbtrt.load(edir)
+
+
+def test_tensorrt_missing_is_a_clear_error(tmp_path, tiny):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT can run here")
+    except ImportError:
+        pass
+    _, ckpt, ort, _ = tiny("Qwen2ForCausalLM")
+    with pytest.raises(RuntimeError, match="backend 'tensorrt' cannot build here: .*(tensorrt|CUDA)"):
+        nbtrt.build(ckpt, tmp_path / "trt", backend="tensorrt", **LIMITS)
+    assert not any(tmp_path.iterdir())
+    edir = tmp_path / "as-trt"
+    shutil.copytree(ort.engine_dir, edir)
+    manifest = json.loads((edir / "engine.json").read_text())
+    (edir / "engine.json").write_text(json.dumps({**manifest, "backend": "tensorrt"}))
+    with pytest.raises(RuntimeError, match="built for 'tensorrt', which cannot run here"):
+        nbtrt.load(edir)
+
+
+# ------------------------------------------------------------------------------ zoo models
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct",
+                                        pytest.param("qwen2.5-coder-0.5b-instruct", marks=pytest.mark.slow)])
+def zoo_engines(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    src = nbtrt.zoo.get(request.param)
+    ckpt = nbtrt.convert(src, root / "ckpt")
+    return src, build_pair(ckpt, root, max_input_len=16, max_seq_len=48)
+
+
+def test_zoo_model(zoo_engines):
+    src, (ort, ref) = zoo_engines
+    vocab = ort.config.vocab_size
+    diff = prefill_and_decode([ort, ref], vocab=vocab, lengths=(11, 6))
+    assert diff <= 1e-3, f"{src.name}: max abs logit difference {diff:.2e}"
+    assert_contract(ort.engine_dir / "model.onnx", src)
+    names = ["embed", "layers.0.attn", f"layers.{ort.config.num_layers - 1}", "final_norm"]
+    ids = [ort.encode("The capital of France is")]
+    _, ours = ort.capture(ids, names)
+    _, theirs = ref.capture(ids, names)
+    for name in names:
+        diff = (ours[name] - theirs[name]).abs().max().item()
+        assert diff <= 1e-3, f"{name}: max abs {diff:.2e}"
+
+
+# ------------------------------------------------------------------------------ quantized checkpoints
+QUANTIZED = {  # name -> quantize() arguments
+    "int8_wo": dict(fmt="int8_wo"),
+    "int4_wo": dict(fmt="int4_wo"),
+    "int4_awq+kv_int8": dict(fmt="int4_awq", kv_cache="int8"),
+    "int8_sq": dict(fmt="int8_sq"),
+    "int8_sq_per_tensor+kv_fp8": dict(fmt="int8_sq", activation_scheme="per_tensor", kv_cache="fp8"),
+    "fp8": dict(fmt="fp8"),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """name -> (quantized ckpt, ort engine, torch reference engine), built on first use, of a tiny Llama
+    with the real SmolLM2 tokenizer (calibration reads real text); "float" -> its unquantized reference."""
+    import nbtrt.quantize as nq
+    from nbtrt._io import copy_tokenizer_files
+
+    root = tmp_path_factory.mktemp("quantized")
+    src = tiny_hf_model("LlamaForCausalLM", root / "hf", vocab_size=49152, num_hidden_layers=2)
+    copy_tokenizer_files(nbtrt.zoo.get("smollm2-135m-instruct"), src)
+    ckpt = nbtrt.convert(src, root / "ckpt")
+    cal = nq.calibrate(ckpt, num_samples=4, seq_len=64)
+    made = {}
+
+    def get(name):
+        if name not in made:
+            if name == "float":
+                made[name] = nbtrt.load(nbtrt.build(ckpt, root / "float", backend="torch", **LIMITS), device="cpu")
+            else:
+                args = dict(QUANTIZED[name])
+                q = nq.quantize(ckpt, root / name, args.pop("fmt"), cal, group_size=32, **args)
+                made[name] = (q, *build_pair(q, root / f"{name}-engines"))
+        return made[name]
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZED))
+def test_quantized_engine_matches_its_reference(quantized, name):
+    """The graph computes the quantized reference decoder: to fp32 rounding where only weights are
+    quantized. Where activations are quantized, an activation whose value sits on a rounding boundary
+    can land one quantization step apart in two fp32 implementations (measured: layers agree to 6e-8
+    until one such flip), so there the bar is half the format's own error against the float model."""
+    ckpt, ort, ref = quantized(name)
+    diff = prefill_and_decode([ort, ref], vocab=49152)
+    if name in ("int8_wo", "int4_wo", "int4_awq+kv_int8", "fp8"):
+        assert diff <= 1e-3, f"{name}: max abs logit difference {diff:.2e}"
+    else:
+        float_ref = quantized("float")
+        format_error = prefill_and_decode([ref, float_ref], vocab=49152)
+        assert diff <= 0.5 * format_error, f"{name}: {diff:.2e} vs the format's own error {format_error:.2e}"
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZED))
+def test_quantized_graph_has_tensorrt_patterns(quantized, name):
+    ckpt, ort, _ = quantized(name)
+    path = ort.engine_dir / "model.onnx"
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    cfg = json.loads((ckpt / "config.json").read_text())["decoder"]
+    q = cfg["quantization"]
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    matmuls = {n.name: n for n in model.graph.node if n.op_type == "MatMul"}
+    expected_type = {"int8_wo": onnx.TensorProto.INT8, "int4_wo": onnx.TensorProto.INT4,
+                     "int4_awq": onnx.TensorProto.INT4, "int8_sq": onnx.TensorProto.INT8,
+                     "fp8": onnx.TensorProto.FLOAT8E4M3FN}[q["format"]]
+    for layer in q["layers"]:
+        path_ = "/" + layer.replace("layers.", "layers#").replace(".", "/").replace("layers#", "layers.")
+        matmul = matmuls[f"{path_}/MatMul"]
+        dq = producer[matmul.input[1]]  # weight: DequantizeLinear straight into the MatMul
+        assert dq.op_type == "DequantizeLinear"
+        weight = inits[dq.input[0]]
+        assert weight.data_type == expected_type
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        if expected_type == onnx.TensorProto.INT4:
+            assert attrs == {"axis": 0, "block_size": 32}
+        x = producer.get(matmul.input[0])
+        if q["format"] == "fp8" or q.get("activation_scheme") == "per_tensor":
+            assert x.op_type == "DequantizeLinear" and producer[x.input[0]].op_type == "QuantizeLinear"
+    kv = q.get("kv_cache")
+    for i in range(cfg["num_layers"]):
+        new_key = producer[producer[f"present.{i}.key"].input[1]]
+        assert (new_key.op_type == "DequantizeLinear") == bool(kv)
