@@ -1,0 +1,109 @@
+"""The notebooks in a real browser: JupyterLab on loopback, Debian's Chromium through Playwright.
+
+What a person would see: the chat answer growing while it streams and Stop ending it, the
+layer-diff figure drawn with its traces, the build progress bar advancing to completion.
+Screenshots land in build/screenshots/.
+"""
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from browser.lab import browser_page, cell_errors, jupyter_lab, open_notebook, run_all, wait_until_done
+
+pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "build" / "screenshots"
+NOTEBOOK_TIMEOUT_S = 1200
+
+
+@pytest.fixture(scope="module")
+def lab():
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with jupyter_lab(ROOT / "notebooks", SHOTS / "jupyterlab.log") as server:
+        yield server
+
+
+@pytest.fixture
+def page(lab):
+    with browser_page() as page:
+        yield page
+
+
+def run_notebook(page, lab, name, poll=None):
+    url, token = lab
+    open_notebook(page, url, token, name)
+    run_all(page)
+    wait_until_done(page, NOTEBOOK_TIMEOUT_S, poll)
+    page.screenshot(path=str(SHOTS / f"{Path(name).stem}-done.png"), full_page=False)
+    assert cell_errors(page) == [], f"{name} raised in the browser"
+
+
+def test_convert_draws_the_layer_diff(page, lab):
+    run_notebook(page, lab, "01_convert.ipynb")
+    figures = page.evaluate(
+        "() => [...document.querySelectorAll('.js-plotly-plot')].map(g => ({"
+        " title: (g.layout && g.layout.title && g.layout.title.text) || '',"
+        " traces: (g.data || []).length,"
+        " points: (g.data || []).reduce((n, t) => n + (t.y ? t.y.length : 0), 0),"
+        " drawn: g.querySelectorAll('.scatterlayer .trace, .heatmaplayer .hm, .barlayer .trace').length}))")
+    layer_diffs = [f for f in figures if re.search(r"layer", f["title"], re.I)]
+    assert layer_diffs, f"no layer-diff figure among {figures}"
+    assert any(f["traces"] > 0 and f["points"] > 0 and f["drawn"] > 0 for f in layer_diffs), layer_diffs
+    page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "01_convert-layer-diff.png"))
+
+
+def test_build_progress_bar_advances_and_completes(page, lab):
+    seen: list[tuple[str, float]] = []
+
+    def poll():
+        for label, width in page.evaluate(
+                "() => [...document.querySelectorAll('.widget-hprogress')].map(p => {"
+                " const box = p.closest('.widget-hbox');"
+                " const label = box ? box.innerText : '';"
+                " return [label, parseFloat(p.querySelector('.progress-bar').style.width) || 0]; })"):
+            seen.append((label, width))
+
+    run_notebook(page, lab, "03_build.ipynb", poll)
+    poll()
+    build = [(label, width) for label, width in seen if re.search(r"build|export", label, re.I)]
+    assert build, f"no build progress bar seen; bars: {sorted(set(seen))[:10]}"
+    assert any(0 < width < 100 for _, width in build), f"build bar never seen mid-way: {sorted(set(build))}"
+    assert any(width == 100 for _, width in build), f"build bar never completed: {sorted(set(build))}"
+
+
+def test_chat_widget_streams_and_stops(page, lab):
+    run_notebook(page, lab, "04_chat.ipynb")
+    box = page.get_by_placeholder("Type a message; Enter sends").last
+    chat = page.locator(".widget-vbox").filter(has=box).last
+    chat.scroll_into_view_if_needed()
+    send = chat.get_by_role("button", name="Send")
+    stop = chat.get_by_role("button", name="Stop")
+
+    box.fill("Write a long, detailed story about a lighthouse keeper and a storm.")
+    before = chat.inner_text()
+    send.click()
+    lengths = []
+    deadline = time.time() + 120
+    while time.time() < deadline and len(set(lengths)) < 3:  # the answer visibly grows
+        lengths.append(len(chat.inner_text()))
+        time.sleep(0.05)
+    assert len(set(lengths)) >= 3 and lengths[-1] > len(before), f"answer did not stream: {lengths[:20]}"
+    page.screenshot(path=str(SHOTS / "04_chat-streaming.png"))
+    stop.click()
+    page.wait_for_function("el => el.innerText.includes('[stopped]')", arg=chat.element_handle(), timeout=30_000)
+    expect_enabled = "el => !el.disabled"
+    page.wait_for_function(expect_enabled, arg=send.element_handle(), timeout=30_000)
+    page.screenshot(path=str(SHOTS / "04_chat-stopped.png"))
+
+    # the engine is ready for the next request at once
+    box.fill("Say hello.")
+    turns = chat.inner_text().count("Say hello.")
+    send.click()
+    page.wait_for_function(f"el => el.innerText.split('Say hello.').length - 1 > {turns}", arg=chat.element_handle(),
+                           timeout=30_000)
+    page.wait_for_function(expect_enabled, arg=send.element_handle(), timeout=120_000)
+    assert "error" not in chat.inner_text().split("Say hello.")[-1].lower()
+    page.screenshot(path=str(SHOTS / "04_chat-next-answer.png"))
