@@ -270,7 +270,8 @@ class Decoder(nn.Module):
 
     def _empty_kv(self, batch: int, device) -> torch.Tensor:
         cfg = self.cfg
-        return torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=self.lm_head.weight.dtype, device=device)
+        # the embedding table sets the float dtype (lm_head may hold a quantized weight)
+        return torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=self.embed.tok.weight.dtype, device=device)
 
 
 @contextlib.contextmanager

@@ -155,6 +155,8 @@ def test_roundtrip_error_within_half_a_step(fmt):
     assert np.all(np.abs(wn - deq) <= step / 2 * (1 + 1e-5) + 1e-12)
     np.testing.assert_allclose(formats.dequantize_weight({k[2:]: v for k, v in t.items()}, fmt, group).numpy(),
                                deq, rtol=1e-6, atol=1e-9)
+    if fmt == "int4_wo":  # the unpacked shortcut AWQ's search uses is the same rounding
+        np.testing.assert_allclose(formats.fake_quant_int4(w, group).numpy(), deq, rtol=1e-6, atol=1e-9)
 
 
 def test_int4_layout_is_onnx_int4(tmp_path):
@@ -361,3 +363,31 @@ def test_exclude_and_cli(tiny, tmp_path):
     assert t["layers.0.attn.qkv.weight"].dtype == torch.float32 and t["layers.1.attn.qkv.weight"].dtype == torch.int8
     assert main(["quantize", str(out), str(tmp_path / "again"), "--format", "int8_wo"]) == 2
     shutil.rmtree(out)
+
+
+def test_quantize_options_widget_drives_quantize(tiny, tmp_path):
+    from nbtrt.widgets import QuantizeOptions
+
+    _, ckpt, cal = tiny["LlamaForCausalLM"]
+    opts = QuantizeOptions("int4_awq", num_samples=8)
+    assert opts.group_size.layout.display is None and opts.alpha.layout.display == "none"
+    opts.format.value = "int8_sq"
+    opts.alpha.value = 0.8
+    assert opts.alpha.layout.display is None and opts.group_size.layout.display == "none"
+    assert opts.kwargs == {"fmt": "int8_sq", "kv_cache": None, "alpha": 0.8, "activation_scheme": "per_token",
+                           "group_size": 128, "calib": "kjv", "num_samples": 8, "seq_len": 512}
+    opts.format.value = "none (KV cache only)"
+    opts.kv_cache.value = "fp8"
+    cfg, _ = load_checkpoint(nq.quantize(ckpt, tmp_path / "kv", calib=cal, **opts.format_kwargs))
+    assert cfg.quantization["format"] is None and cfg.quantization["kv_cache"] == "fp8"
+    assert cfg.quantization["layers"] == []
+
+
+def test_lm_head_only_when_asked_and_untied(tiny, tmp_path):
+    _, ckpt, cal = tiny["LlamaForCausalLM"]  # untied embeddings
+    cfg, t = load_checkpoint(nq.quantize(ckpt, tmp_path / "q", "int8_wo", lm_head=True))
+    assert "lm_head" in cfg.quantization["layers"] and t["lm_head.weight"].dtype == torch.int8
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, out = load_decoder(ckpt)(ids), load_decoder(tmp_path / "q")(ids)
+    assert out.dtype == torch.float32 and ((out - ref).norm() / ref.norm()).item() < 0.1

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import dequantize_int4, quantize_int4
+from .formats import fake_quant_int4
 
-DEFAULT_GRID = 20
+DEFAULT_GRID = 10  # alpha step 0.1, as ModelOpt's awq_lite (llm-awq searches 20 points)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class AwqResult:
 def output_loss(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, group_size: int, y: torch.Tensor | None = None) -> float:
     """Mean squared output error of INT4 group-wise ``Q(W * s) / s`` against ``W`` on inputs ``x``."""
     y = x @ w.T if y is None else y
-    wq = dequantize_int4(*quantize_int4(w * s, group_size), group_size) / s
+    wq = fake_quant_int4(w * s, group_size) / s
     return float((x @ wq.T - y).pow(2).mean())
 
 
@@ -47,7 +47,7 @@ def awq_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 @torch.no_grad()
 def search(w: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, group_size: int,
            grid: int = DEFAULT_GRID) -> AwqResult:
-    """Grid-search ``alpha`` in {0, 1/grid, ..., (grid-1)/grid} for one linear.
+    """Grid-search ``alpha`` in {0, 1/grid, ..., grid/grid} for one linear.
 
     ``w`` [out, in] fp32 weight, ``x`` [n, in] calibration inputs, ``mean_abs`` [in] mean |x|
     over all calibration tokens.
@@ -59,7 +59,7 @@ def search(w: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, group_size:
     w, x = w.float(), x.float()
     y = x @ w.T
     best = None
-    for k in range(grid):
+    for k in range(grid + 1):
         alpha = k / grid
         s = awq_scale(mean_abs, alpha)
         loss = output_loss(w, x, s, group_size, y)

@@ -186,6 +186,17 @@ class Calibration:
     inputs: dict[str, InputStats]
     kv_amax: dict[str, float]
 
+    def outliers(self, top: int = 5) -> list[dict]:
+        """The linears whose input has the most extreme channels (max / median of per-channel max |x|).
+
+        >>> cal.outliers(3)[0]["linear"]  # doctest: +SKIP
+        'layers.2.mlp.down'
+        """
+        unique = {id(s): (n, s) for n, s in reversed(self.inputs.items())}  # gate and up share one input
+        rows = [{"linear": n, "max |x|": s.amax, "median channel max": float(s.chan_max.median()),
+                 "outlier ratio": s.amax / max(float(s.chan_max.median()), 1e-12)} for n, s in unique.values()]
+        return sorted(rows, key=lambda r: -r["outlier ratio"])[:top]
+
     def summary(self) -> dict:
         """The record that goes into config.json's quantization block."""
         return {"source": self.source, "description": self.description, "split": f"by document-id hash, "

@@ -118,15 +118,26 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return F.pad(w, (0, pad)).view(out, -1, group_size)
 
 
+def _int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes as floats [out, groups, g] and scales [out, groups]."""
+    g = _groups(w.float(), group_size)
+    scale = (g.abs().amax(dim=2) / INT4_MAX).clamp(min=EPS)
+    return torch.round(g / scale[..., None]).clamp(-INT4_MAX - 1, INT4_MAX), scale
+
+
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> (packed uint8 [out, in/2], fp32 scale [out, ceil(in/g)]), round-to-nearest."""
     out, n = w.shape
     if n % 2:
         raise QuantizationError(f"int4 packs two weights per byte along the input dimension, which has odd size {n}")
-    g = _groups(w.float(), group_size)
-    scale = (g.abs().amax(dim=2) / INT4_MAX).clamp(min=EPS)
-    q = torch.round(g / scale[..., None]).clamp(-INT4_MAX - 1, INT4_MAX).to(torch.int8)
-    return pack_int4(q.view(out, -1)[:, :n]), scale
+    q, scale = _int4_codes(w, group_size)
+    return pack_int4(q.view(out, -1)[:, :n].to(torch.int8)), scale
+
+
+def fake_quant_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``dequantize_int4(*quantize_int4(w))`` without packing: what searches evaluate many times."""
+    q, scale = _int4_codes(w, group_size)
+    return (q * scale[..., None]).view(w.shape[0], -1)[:, : w.shape[1]]
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -25,6 +25,8 @@ quantization (tested to 1e-4 on the logits).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -97,3 +99,11 @@ def smooth(model: nn.Module, inputs: dict[str, InputStats], alpha: float, target
                 m.weight.mul_(s)
                 applied[name] = s
     return applied
+
+
+def preview(model: nn.Module, inputs: dict[str, InputStats], name: str, alpha: float) -> torch.Tensor:
+    """SmoothQuant's ``s`` for one linear at ``alpha``, computed on a copy (the model is left as it is).
+
+    >>> s = preview(model, cal.inputs, "layers.3.mlp.gate", 0.5); plots.activation_channels(cal, "layers.3.mlp.gate", s)  # doctest: +SKIP
+    """
+    return smooth(copy.deepcopy(model), inputs, alpha, {name})[name]
