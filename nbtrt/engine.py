@@ -292,6 +292,13 @@ def add_cli(sub) -> None:
     p.add_argument("--max-input-len", type=int, default=1024)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true")
+    # backend options (as trtllm-build's); each backend rejects the ones it does not take
+    p.add_argument("--dtype", default=None, help="engine precision (default: the checkpoint's)")
+    p.add_argument("--builder-opt-level", type=int, default=None, help="TensorRT builder optimization level 0-5")
+    p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace memory limit")
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file reused across builds")
+    names = ("dtype", "builder_opt_level", "workspace_gib", "timing_cache")
     p.set_defaults(run=lambda a: print(build(a.ckpt, a.out, backend=a.backend, max_batch_size=a.max_batch_size,
                                              max_input_len=a.max_input_len, max_seq_len=a.max_seq_len,
-                                             overwrite=a.overwrite)))
+                                             overwrite=a.overwrite,
+                                             **{n: getattr(a, n) for n in names if getattr(a, n) is not None})))

@@ -57,7 +57,7 @@ def output_names(cfg: DecoderConfig) -> list[str]:
 
 def capture_names(cfg: DecoderConfig) -> list[str]:
     """Module outputs every exported graph exposes by name, in execution order."""
-    per_layer = ["attn_norm", "attn", "mlp_norm", "mlp"]
+    per_layer = ["attn_norm", "attn.qkv", "attn", "mlp_norm", "mlp"]
     return ["embed", *[n for i in range(cfg.num_layers) for n in
                        (*(f"layers.{i}.{p}" for p in per_layer), f"layers.{i}")], "final_norm", "lm_head"]
 

@@ -232,8 +232,10 @@ def test_zoo_model(zoo_engines):
     _, ours = ort.capture(ids, names)
     _, theirs = ref.capture(ids, names)
     for name in names:
-        diff = (ours[name] - theirs[name]).abs().max().item()
-        assert diff <= 1e-3, f"{name}: max abs {diff:.2e}"
+        # fp32 tolerance relative to the tensor's scale: SmolLM2's residual stream reaches |x| ~ 2500
+        # (massive activations), where neighbouring fp32 values are already 2.4e-4 apart
+        diff, scale = (ours[name] - theirs[name]).abs().max().item(), theirs[name].abs().max().item()
+        assert diff <= 1e-4 + 1e-5 * scale, f"{name}: max abs {diff:.2e} at scale {scale:.1f}"
 
 
 # ------------------------------------------------------------------------------ quantized checkpoints
@@ -321,3 +323,19 @@ def test_quantized_graph_has_tensorrt_patterns(quantized, name):
     for i in range(cfg["num_layers"]):
         new_key = producer[producer[f"present.{i}.key"].input[1]]
         assert (new_key.op_type == "DequantizeLinear") == bool(kv)
+
+
+def test_float16_engine(tiny, tmp_path):
+    """A float32 checkpoint built as a float16 engine runs the float16 graph; compared with the
+    reference decoder cast to float16 (fp16 rounding, so a looser bar than fp32)."""
+    _, ckpt, _, _ = tiny("Qwen2ForCausalLM")
+    ort = nbtrt.load(nbtrt.build(ckpt, tmp_path / "fp16", backend="onnxruntime", dtype="float16", **LIMITS))
+    ref = nbtrt.load(nbtrt.build(ckpt, tmp_path / "ref", backend="torch", **LIMITS), device="cpu", dtype="float16")
+    assert json.loads((tmp_path / "fp16" / "engine.json").read_text())["decoder"]["dtype"] == "float16"
+    model = onnx.load(str(tmp_path / "fp16" / "model.onnx"), load_external_data=False)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    diff = prefill_and_decode([ort, ref], vocab=257)
+    assert diff <= 5e-3, f"max abs logit difference {diff:.2e}"
+    with pytest.raises(ValueError, match="no bfloat16 kernels.*dtype='float32'"):
+        nbtrt.build(ckpt, tmp_path / "bf16", backend="onnxruntime", dtype="bfloat16", **LIMITS)
+    assert not (tmp_path / "bf16").exists()

@@ -44,6 +44,12 @@ def export_into(ckpt_dir: Path, out: Path, cfg, dtype: str | None) -> None:
         cfg.dtype = dtype  # engine.json records the engine's precision, not the checkpoint's
 
 
+def _has_cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 @register_backend
 class OnnxRuntimeEngine(Engine):
     """The exported graph run by ONNX Runtime (CUDA provider where onnxruntime-gpu is installed, else CPU)."""
@@ -62,6 +68,9 @@ class OnnxRuntimeEngine(Engine):
     @classmethod
     def _build_files(cls, ckpt_dir, out, cfg, limits, options):
         options = check_build_options(cls.backend, options, BUILD_OPTIONS)
+        if (options["dtype"] or cfg.dtype) == "bfloat16" and not _has_cuda_provider():
+            raise ValueError("ONNX Runtime's CPU provider has no bfloat16 kernels; build this engine with "
+                             "dtype='float32' or 'float16' (or use backend='torch')")
         export_into(ckpt_dir, out, cfg, options["dtype"])
         return options
 
@@ -87,8 +96,7 @@ class OnnxRuntimeEngine(Engine):
             # which then rejects float8 inputs; unfused, its FP8 Q/DQ kernels run the graph as written
             self.options.add_session_config_entry("session.disable_quant_qdq", "1")
         available = ort.get_available_providers()
-        self.provider = provider or ("CUDAExecutionProvider" if "CUDAExecutionProvider" in available
-                                     else "CPUExecutionProvider")
+        self.provider = provider or ("CUDAExecutionProvider" if _has_cuda_provider() else "CPUExecutionProvider")
         if self.provider not in available:
             raise RuntimeError(f"ONNX Runtime provider {self.provider} is not available here ({available})")
         self.ort_device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -107,9 +115,13 @@ class OnnxRuntimeEngine(Engine):
 
         try:
             return ort.InferenceSession(str(path), self.options, providers=[self.provider])
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types; name the file and the remedy
-            raise RuntimeError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}; "
-                               "the file is corrupted or incomplete: rebuild the engine") from None
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types; name the file and the remedy
+            first = str(e).splitlines()[0][:300]
+            if "NOT_IMPLEMENTED" in first:
+                raise RuntimeError(f"ONNX Runtime's {self.provider} cannot run {path}: {first}; rebuild the "
+                                   "engine with a precision it has kernels for (dtype='float32')") from None
+            raise RuntimeError(f"ONNX Runtime cannot load {path}: {first}; the file is corrupted or "
+                               "incomplete: rebuild the engine") from None
 
     # ------------------------------------------------------------------ engine API
     def begin(self, batch_size: int) -> None:
