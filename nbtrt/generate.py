@@ -166,7 +166,7 @@ class GenerationStats:
         return self.step_times[-1] - self.start if self.step_times else None
 
     def summary(self) -> str:
-        parts = [f"{self.new_tokens} tokens"]
+        parts = [f"{self.new_tokens} token{'s' * (self.new_tokens != 1)}"]
         if self.ttft_s is not None:
             parts.append(f"TTFT {self.ttft_s * 1000:.0f} ms")
         if self.tokens_per_s is not None:

@@ -150,7 +150,7 @@ def test_widget_streams_stops_clears_and_compares(tiny):
     chat.send("Compare us.")
     assert chat.wait(180)
     assert chat.transcript("reference") == chat.transcript("engine")
-    assert chat.history[-1]["content"]
+    assert chat.last_answer("reference") == chat.last_answer("engine") == chat.history[-1]["content"] != ""
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -63,7 +63,7 @@ def test_greedy_matches_hf_generate(zoo_model, backend):
     z = zoo_model
     assert len({len(p) for p in z.prompts}) == 3
     engine = nbtrt.load(nbtrt.build(z.ckpt, z.root / f"engine-{backend}", backend=backend, max_batch_size=3,
-                                    max_input_len=128, max_seq_len=192))
+                                    max_input_len=64, max_seq_len=128))
     # one prompt alone (the chat prompt), streamed
     stats = GenerationStats()
     text = "".join(engine.stream(z.prompts[0], max_new_tokens=64, stats=stats))

@@ -34,7 +34,8 @@ class _Pane:
     """One side of the chat: a title, the finished turns, the answer being streamed, its timing."""
 
     def __init__(self, title: str):
-        self.turns: list[str] = []
+        self.turns: list[str] = []  # markdown of each finished turn
+        self.answers: list[str] = []  # the assistant's text of each finished turn
         self.history = w.Output()
         self.live = w.Output()
         self.stats = w.HTML()
@@ -48,13 +49,14 @@ class _Pane:
     def show_live(self, markdown: str) -> None:
         self.live.outputs = _markdown(markdown) if markdown else ()
 
-    def finish(self, markdown: str) -> None:
+    def finish(self, answer: str, markdown: str) -> None:
+        self.answers.append(answer)
         self.turns.append(markdown)
         self.history.outputs = _markdown("\n\n---\n\n".join(self.turns))
         self.live.outputs = ()
 
     def clear(self) -> None:
-        self.turns = []
+        self.turns, self.answers = [], []
         self.history.outputs = self.live.outputs = ()
         self.stats.value = ""
 
@@ -139,7 +141,18 @@ class Chat:
 
     def transcript(self, side: str = "engine") -> str:
         """The markdown rendered on one side (``"engine"`` or ``"reference"``)."""
-        return (self.engine_pane if side == "engine" else self.reference_pane).markdown()
+        return self._pane(side).markdown()
+
+    def last_answer(self, side: str = "engine") -> str | None:
+        """The latest finished answer on one side (``"engine"`` or ``"reference"``)."""
+        answers = self._pane(side).answers
+        return answers[-1] if answers else None
+
+    def _pane(self, side: str) -> _Pane:
+        panes = {"engine": self.engine_pane, "reference": self.reference_pane}
+        if side not in panes:
+            raise ValueError(f"side must be 'engine' or 'reference', not {side!r}")
+        return panes[side]
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
@@ -221,7 +234,7 @@ class Chat:
         if self._cancel.is_set():
             note += " *[stopped]*"
         pane.stats.value = stats.summary()
-        pane.finish(pane.turn(user, answer, note))
+        pane.finish(answer, pane.turn(user, answer, note))
 
 
 def _html_escape(text: str) -> str:
