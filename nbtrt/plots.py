@@ -47,12 +47,13 @@ def _plotted(v: float) -> float | None:
     return max(v, LOG_FLOOR)
 
 
-def error_lines(series: dict[str, tuple[Sequence, Sequence[float]]], *, threshold: float | None = None,
+def error_lines(series: dict[str, tuple[Sequence, Sequence[float]]], *,
+                threshold: float | dict[str, float] | None = None,
                 marks: dict[str, tuple] | None = None, x_title: str = "layer", y_title: str = "relative L2 error",
                 title: str | None = None, log_y: bool = True):
-    """Error-vs-layer line chart: one line per comparison, log y axis, optional threshold line.
+    """Error-vs-layer line chart: one line per comparison, log y axis, optional threshold line(s).
 
-    ``series``: label -> (x values, errors). ``marks``: label -> (x, error, text) to highlight,
+    ``series``: label -> (x values, errors). ``threshold``: a value, or {line name: value}. ``marks``: label -> (x, error, text) to highlight,
     e.g. the first divergence. Each trace's ``customdata`` holds the exact errors (``y`` is
     floored at :data:`LOG_FLOOR` so that exact matches still show on a log axis).
 
@@ -76,13 +77,12 @@ def error_lines(series: dict[str, tuple[Sequence, Sequence[float]]], *, threshol
                 textposition="top center", name=f"{label}: first divergence", showlegend=False,
                 marker={"symbol": "x", "size": 14, "color": color, "line": {"width": 2}},
                 hovertemplate="first divergence %{x}<br>%{customdata:.3e}<extra></extra>"))
-    if threshold is not None and series:
-        xs = [x for x, _ in series.values()]
-        every = list(dict.fromkeys(v for x in xs for v in x))
-        fig.add_trace(go.Scatter(x=[every[0], every[-1]] if every else [], y=[threshold, threshold], mode="lines",
-                                 name="threshold", customdata=[threshold, threshold],
-                                 line={"dash": "dash", "color": "gray"},
-                                 hovertemplate="threshold %{customdata:.3e}<extra></extra>"))
+    lines = threshold if isinstance(threshold, dict) else ({"threshold": threshold} if threshold is not None else {})
+    xs = list(dict.fromkeys(v for x, _ in series.values() for v in x))
+    for name, value in lines.items():
+        fig.add_trace(go.Scatter(x=[xs[0], xs[-1]] if xs else [], y=[value, value], mode="lines", name=name,
+                                 customdata=[value, value], line={"dash": "dash", "color": "gray"},
+                                 hovertemplate=html.escape(name) + " %{customdata:.3e}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white",
                       height=420, legend={"orientation": "h", "y": -0.25})
     if log_y:

@@ -412,6 +412,38 @@ def test_exported_html_draws_the_figure_offline(tmp_path):
         assert page.locator(".js-plotly-plot").count() == 1
 
 
+EXPLORER_CELLS = [
+    "from nbtrt import debug, plots\nfrom nbtrt.convert import convert_tensors\nfrom nbtrt.mapping import architecture_for\n"
+    "from nbtrt.testing import random_hf_model\nfrom nbtrt.widgets import DiffExplorer\nplots.setup_renderer()",
+    "hf = random_hf_model('Qwen2ForCausalLM')\narch = architecture_for(hf.config.to_dict())\n"
+    "cfg = arch.config_from_hf(hf.config.to_dict(), 'float32')\nmodel = (cfg, convert_tensors(arch, cfg, hf.state_dict()))\n"
+    "DiffExplorer({'gate/up': debug.lab.run(hf, model, 'gate_up_swapped', input_ids=[[1, 2, 3, 4, 5, 6]])})",
+]
+
+
+@pytest.mark.browser
+def test_diff_explorer_redraws_in_jupyterlab(tmp_path):
+    """In a real JupyterLab: the explorer draws its figure, and a click redraws it in place."""
+    import nbformat
+
+    browser = pytest.importorskip("browser.lab")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in EXPLORER_CELLS], metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, tmp_path / "explorer.ipynb")
+    figures = ("() => [...document.querySelectorAll('.widget-output .js-plotly-plot')]"
+               ".map(g => (g.data || []).map(t => t.type).join(','))")
+    with browser.jupyter_lab(tmp_path, tmp_path / "lab.log") as (url, token), browser.browser_page() as page:
+        browser.open_notebook(page, url, token, "explorer.ipynb")
+        browser.run_all(page)
+        browser.wait_until_done(page, 300)
+        assert browser.cell_errors(page) == []
+        page.wait_for_selector(".widget-output .js-plotly-plot .scatterlayer .trace", timeout=60_000)
+        assert page.evaluate(figures)[0].startswith("scatter")
+        page.get_by_role("button", name="layer × token").click()
+        page.wait_for_selector(".widget-output .js-plotly-plot .heatmaplayer", timeout=60_000)
+        assert [f.split(",")[0] for f in page.evaluate(figures)] == ["heatmap"]  # replaced, not appended
+
+
 # ------------------------------------------------------------------------------ memory
 @pytest.mark.slow
 def test_peak_rss_of_a_full_capture_stays_bounded(tmp_path):

@@ -234,6 +234,27 @@ class EngineSource(Source):
         return logits
 
 
+class ReplaySource(Source):
+    """Runs another source once per input and replays its tensors afterwards: the reference of
+    many comparisons (the mismatch lab) then runs once. Holds what it captured in memory."""
+
+    def __init__(self, inner: Source):
+        self.inner = inner
+        self.label, self.config, self.arch = inner.label, inner.config, inner.arch
+        self.precision, self.tokenizer_dir = inner.precision, inner.tokenizer_dir
+        self._key, self._store, self._logits = None, {}, None
+
+    def run(self, input_ids, wanted, on_tensor, positions=None, stop_early=False):
+        key = (tuple(map(tuple, input_ids.tolist())), tuple(positions) if positions is not None else None)
+        if key != self._key:
+            self._key, self._store, self._logits = key, {}, None
+        if self._logits is None or any(p.name not in self._store for p in wanted):
+            self._logits = self.inner.run(input_ids, wanted, lambda p, t: self._store.__setitem__(p.name, t), positions)
+        for p in wanted:
+            on_tensor(p, self._store[p.name])
+        return self._logits
+
+
 def _arch_of(cfg: DecoderConfig) -> Architecture:
     return architecture_for({"architectures": [cfg.architecture]})
 

@@ -28,26 +28,42 @@ def error_vs_layer(reports, kind: str | None = None, metric: str | None = None, 
                    title: str | None = None):
     """One line per comparison. ``kind=None``: every captured tensor in execution order;
     ``kind="block"`` (or "attn", ...): that tensor kind against the layer index.
-    The threshold is drawn and each report's first divergence is marked with an x.
+    Each report's threshold (its precision's tolerance unless ``threshold`` is given) is drawn,
+    and its first divergence is marked with an x.
 
     >>> error_vs_layer({"fp32": r32, "bf16": r16}, kind="block")  # doctest: +SKIP
     """
     reports = _reports(reports)
     first = next(iter(reports.values()))
     metric = metric or first.metric
-    threshold = first.threshold if threshold is None else threshold
-    series, marks = {}, {}
+    series, marks, lines = {}, {}, {}
     for label, r in reports.items():
         tensors = [t for t in r.tensors if kind is None or t.kind == kind]
         xs = [t.name if kind is None else (t.layer if t.layer is not None else t.name) for t in tensors]
         series[label] = (xs, [t.error(metric) for t in tensors])
-        d = r.divergence(threshold, metric)
+        # a report's own threshold is for its own metric; another metric needs an explicit one
+        limit = threshold if threshold is not None else (r.threshold if metric == r.metric else None)
+        if limit is None:
+            continue
+        lines[f"threshold ({r.precision})" if r.precision else f"threshold ({label})"] = limit
+        d = r.divergence(limit, metric)
         if d is not None and (kind is None or d.kind == kind):
             marks[label] = (d.name if kind is None else d.layer, d.value, d.name)
+    if len(set(lines.values())) == 1:
+        lines = {"threshold": next(iter(lines.values()))}
     what = "every captured tensor" if kind is None else KIND_LABELS[kind]
-    return error_lines(series, threshold=threshold, marks=marks, y_title=METRIC_LABELS.get(metric, metric),
-                       x_title="tensor, in execution order" if kind is None else "layer",
-                       title=title or f"Error vs layer: {what}")
+    fig = error_lines(series, threshold=lines, marks=marks, y_title=METRIC_LABELS.get(metric, metric),
+                      x_title="tensor, in execution order (ticks: block outputs)" if kind is None else "layer",
+                      title=title or f"Error vs layer: {what}")
+    if kind is None:  # a hundred tensor names do not fit under an axis: label the block outputs only
+        names = list(dict.fromkeys(x for xs, _ in series.values() for x in xs))
+        blocks = [n for n in names if n.startswith("layers.") and n.count(".") == 1]
+        step = max(1, len(blocks) // 15)
+        shown = set(blocks[: max(len(blocks) - step, 1): step]) | {"embed", "lm_head"}
+        ticks = [n for n in names if n in shown]
+        fig.update_xaxes(tickmode="array", tickvals=ticks, tickangle=0,
+                         ticktext=["logits" if n == "lm_head" else n.removeprefix("layers.") for n in ticks])
+    return fig
 
 
 def heatmap(report: "Report", kind: str = "block", metric: str = "rel_l2", batch: int = 0):

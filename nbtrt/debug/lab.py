@@ -217,8 +217,10 @@ def check(reference, model, text: str | None = None, **compare_kw) -> Table:
 
     >>> lab.check(hf_model, "work/ckpt", input_ids=[[1, 2, 3, 4]])  # doctest: +SKIP
     """
+    from .capture import ReplaySource, as_source
     from .compare import compare
 
+    reference = ReplaySource(as_source(reference))  # one reference run serves every bug
     cfg, tensors = _cfg_tensors(model)
     clean = compare(reference, decoder_from_tensors(cfg, tensors), text, label="no bug", **compare_kw)
     rows = [{"bug": "(none)", "expected": "no divergence", "found": clean.first_divergence.name
