@@ -198,6 +198,21 @@ def test_candidates_of_every_kind_agree(tmp_path):
         compare(src, ckpt, input_ids=[[0, 999]])
 
 
+def test_a_bug_found_through_an_onnxruntime_engine(tmp_path):
+    """A buggy converter's checkpoint, built into an ONNX Runtime engine: the engine's extra graph
+    outputs (q/k/v sliced out of GPT-2's fused projection included) name the first bad tensor."""
+    src = tiny_hf_model("GPT2LMHeadModel", tmp_path / "hf")
+    ckpt = nbtrt.convert(src, tmp_path / "ckpt")
+    bad = lab.save(ckpt, "conv1d_not_transposed", tmp_path / "bad")
+    opts = dict(backend="onnxruntime", max_batch_size=1, max_input_len=32, max_seq_len=32)
+    good = compare(src, nbtrt.load(nbtrt.build(ckpt, tmp_path / "good-engine", **opts)), input_ids=IDS, kinds=KINDS)
+    assert good.first_divergence is None, good.summary()
+    r = compare(src, nbtrt.load(nbtrt.build(bad, tmp_path / "bad-engine", **opts)), input_ids=IDS, kinds=KINDS)
+    assert r.first_divergence is not None and r.first_divergence.name == "layers.0.attn.q", r.summary()
+    with pytest.raises(ValueError, match="runtime"):
+        lab.save(ckpt, "rope_applied_twice", tmp_path / "x")
+
+
 def test_different_models_are_refused(models):
     hf, _, _ = models["LlamaForCausalLM"]
     _, cfg, tensors = models["MistralForCausalLM"]

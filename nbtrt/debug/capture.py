@@ -140,6 +140,15 @@ def _select(t: torch.Tensor, part, positions) -> torch.Tensor:
     return t.float().cpu()
 
 
+def _deliver_logits(logits: torch.Tensor, wanted: list[Probe], on_tensor, positions) -> torch.Tensor:
+    """Logits come from the forward's return value, after every hooked tensor."""
+    logits = _select(logits, None, positions)
+    for p in wanted:
+        if p.kind == "logits":
+            on_tensor(p, logits)
+    return logits
+
+
 class Source:
     """Something that runs token ids and reports probed tensors as they are produced."""
 
@@ -204,11 +213,7 @@ class ModuleSource(Source):
         finally:
             for h in handles:
                 h.remove()
-        logits = _select(logits, None, positions)
-        for p in wanted:
-            if p.kind == "logits":
-                on_tensor(p, logits)
-        return logits
+        return _deliver_logits(logits, wanted, on_tensor, positions)
 
 
 class EngineSource(Source):
@@ -227,11 +232,7 @@ class EngineSource(Source):
             if p.kind != "logits":
                 on_tensor(p, _select(captured[p.module], p.part, positions))
         captured.clear()
-        logits = _select(logits, None, positions)
-        for p in wanted:
-            if p.kind == "logits":
-                on_tensor(p, logits)
-        return logits
+        return _deliver_logits(logits, wanted, on_tensor, positions)
 
 
 class ReplaySource(Source):

@@ -204,6 +204,30 @@ def inject(model, bug: str | Bug) -> Decoder:
     return decoder
 
 
+def save(ckpt: str | Path, bug: str | Bug, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a copy of checkpoint ``ckpt`` with ``bug`` in it, as a buggy converter would have
+    written it — to build an engine from and find the bug through the engine. Only bugs that live
+    in the weights or config can be written; runtime bugs (a ``patch``) cannot.
+
+    >>> bad = lab.save("work/ckpt", "gate_up_swapped", "work/ckpt-bad")  # doctest: +SKIP
+    """
+    from .._io import atomic_dir
+    from ..checkpoint import save_checkpoint
+
+    bug = _bug(bug)
+    if bug.edit is None:
+        raise ValueError(f"bug {bug.name!r} is in the runtime, not in the checkpoint; use lab.inject() "
+                         f"for a decoder carrying it. Bugs a checkpoint can hold: "
+                         f"{sorted(b.name for b in BUGS.values() if b.edit)}")
+    cfg, tensors = _cfg_tensors(ckpt)
+    if not bug.applies(cfg):
+        raise ValueError(f"bug {bug.name!r} cannot occur in a {cfg.architecture} with this config")
+    cfg, tensors = bug.edit(cfg, tensors)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_checkpoint(tmp, cfg, tensors, stage="lab", source=ckpt, options={"bug": bug.name}, tokenizer_dir=Path(ckpt))
+    return Path(out)
+
+
 def run(reference, model, bug: str | Bug, text: str | None = None, **compare_kw):
     """Compare ``reference`` (HF) with ``model`` carrying ``bug``: a :class:`Report` labelled by the bug."""
     from .compare import compare
