@@ -161,7 +161,8 @@ class Attention(nn.Module):
         if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        # mask None means plain causal (no padding, no past): fast engines then skip the [T, S] mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(B, T, cfg.q_size))
 
 

@@ -1,0 +1,115 @@
+"""nbtrt.bench: statistics against numpy, workloads, and a tiny end-to-end run whose JSON is complete."""
+import json
+
+import numpy as np
+import pytest
+
+from nbtrt import bench as B
+from nbtrt.cli import main as cli_main
+from nbtrt.testing import tiny_hf_model
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_percentiles_match_numpy(n):
+    rng = np.random.default_rng(n)
+    timings = rng.lognormal(-3, 0.7, n).tolist()  # synthetic latencies, long-tailed like real ones
+    for q in (0, 5, 50, 90, 95, 99, 100):
+        assert B.percentile(timings, q) == pytest.approx(np.percentile(timings, q), rel=1e-12)
+    s = B.summarize(timings)
+    assert s["p50"] == pytest.approx(np.median(timings), rel=1e-12)
+    assert s["p95"] == pytest.approx(np.percentile(timings, 95), rel=1e-12)
+    assert s["mean"] == pytest.approx(np.mean(timings), rel=1e-12)
+    assert (s["min"], s["max"], s["n"]) == (min(timings), max(timings), n)
+    with pytest.raises(ValueError):
+        B.percentile([], 50)
+
+
+def test_request_metrics_from_step_times():
+    start, steps = 10.0, [10.5, 10.6, 10.8, 11.1]  # first token after 0.5 s, then uneven gaps
+    got = B.request_metrics(start, steps, [4, 2, 1])
+    assert got[0] == pytest.approx({"ttft": 0.5, "latency": 1.1, "tpot": 0.6 / 3})
+    assert got[1] == pytest.approx({"ttft": 0.5, "latency": 0.6, "tpot": 0.1})
+    assert got[2]["tpot"] is None and got[2]["latency"] == pytest.approx(0.5)
+
+
+def test_sharegpt_like_is_seeded_and_shaped():
+    a, b = B.sharegpt_like(100, seed=0), B.sharegpt_like(100, seed=0)
+    assert a.lengths == b.lengths and len(a.lengths) == 100
+    assert B.sharegpt_like(100, seed=1).lengths != a.lengths
+    big = B.sharegpt_like(20000, seed=0, max_input_len=10 ** 6, max_output_len=10 ** 6)
+    ins, outs = np.array(big.lengths).T
+    # the documented shape: means of ShareGPT (vLLM paper), long right tails (mean > median)
+    assert ins.mean() == pytest.approx(B.SHAREGPT_SHAPE["input_mean"], rel=0.05)
+    assert outs.mean() == pytest.approx(B.SHAREGPT_SHAPE["output_mean"], rel=0.05)
+    assert np.median(ins) < ins.mean() and np.median(outs) < outs.mean()
+    small = B.sharegpt_like(100, seed=0, scale=0.1, max_input_len=24, max_output_len=16)
+    ins, outs = np.array(small.lengths).T
+    assert ins.min() >= 4 and ins.max() <= 24 and outs.min() >= 2 and outs.max() <= 16
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    return tiny_hf_model("LlamaForCausalLM", tmp_path_factory.mktemp("bench") / "tiny-llama")
+
+
+def test_tiny_bench_end_to_end(tiny_src, tmp_path):
+    mix = B.sharegpt_like(5, seed=0, scale=0.05, max_input_len=12, max_output_len=6, batch_size=2)
+    loads = [B.fixed(2, 6, 4, repeats=2), mix]
+    out = tmp_path / "bench.json"
+    result = B.bench(tiny_src, ["hf-eager", "nbtrt-torch", "nbtrt-tensorrt"], loads, work_dir=tmp_path / "w",
+                     out=out, device="cpu")
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    for key in ("date", "torch", "transformers", "nbtrt", "platform", "gpu"):
+        assert key in saved["machine"]
+    by = {(r["runner"], r["workload"]): r for r in saved["results"]}
+    assert len(by) == 6
+    for runner in ("hf-eager", "nbtrt-torch"):
+        fixed_r, mix_r = by[(runner, loads[0].name)], by[(runner, mix.name)]
+        assert fixed_r["status"] == mix_r["status"] == "ok"
+        assert fixed_r["generated_tokens"] == 2 * 4
+        assert mix_r["generated_tokens"] == sum(n for _, n in mix.lengths)
+        assert fixed_r["ttft_s"]["n"] == 2 * 2 and mix_r["latency_s"]["n"] == len(mix.lengths)
+        for r in (fixed_r, mix_r):
+            assert r["tokens_per_s"] > 0 and r["requests_per_s"] > 0 and r["peak_memory_bytes"] > 0
+            assert r["ttft_s"]["p50"] <= r["latency_s"]["p50"] and r["latency_s"]["p50"] <= r["latency_s"]["p95"]
+    trt = by[("nbtrt-tensorrt", loads[0].name)]
+    assert trt["status"] == "skipped" and trt["reason"]
+    text = B.table(result)
+    assert "skipped" in text and "hf-eager" in text
+
+
+def test_token_counts_equal_what_was_generated(tiny_src, tmp_path):
+    """The JSON's token count is what the engine produced, counted independently by a spy on the runner."""
+    runner = B.make_runners(tiny_src, ["nbtrt-torch"], device="cpu", work_dir=tmp_path, max_batch_size=3,
+                            max_input_len=16, max_seq_len=32)[0]
+    seen = []
+    inner = runner.run
+
+    def spy(prompts, lengths, tick):
+        ticks = []
+        got = inner(prompts, lengths, lambda: (ticks.append(1), tick()))
+        seen.append((sum(got), len(ticks), max(lengths)))
+        return got
+
+    runner.run = spy
+    mix = B.Workload("mix", ((5, 3), (9, 7), (2, 1), (4, 5)), batch_size=3, repeats=1)
+    r = B.measure(runner, mix, vocab_size=257, warmup=0)
+    assert r["generated_tokens"] == sum(s for s, _, _ in seen) == 3 + 7 + 1 + 5
+    assert all(ticks == longest for _, ticks, longest in seen)  # one host sync per decoding step
+
+
+def test_cli_bench_writes_json(tiny_src, tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    rc = cli_main(["bench", str(tiny_src), "--runners", "nbtrt-torch", "--batch", "1,2", "--input-len", "5",
+                   "--output-len", "3", "--repeats", "1", "--device", "cpu", "--work", str(tmp_path / "w"),
+                   "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["generated_tokens"] for r in data["results"]] == [3, 6]
+    assert "nbtrt-torch" in capsys.readouterr().out
+
+
+def test_unknown_runner_is_an_error(tiny_src, tmp_path):
+    with pytest.raises(ValueError, match="unknown runners"):
+        B.make_runners(tiny_src, ["vllm"], work_dir=tmp_path)

@@ -1,0 +1,181 @@
+"""The compiled torch engine (torch.compile on CPU here; CUDA graphs on GPU) and its quantized linears."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import nbtrt
+from nbtrt.backends.torch import QUANT_FORMATS, TorchEngine, quantize_linears
+from nbtrt.generate import GenerationState, SamplingParams, generate_tokens
+from nbtrt.testing import tiny_hf_model
+
+ARCH = "Qwen2ForCausalLM"  # QKV bias, tied embeddings, GQA: the flags most likely to break a fast path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compiled")
+    src = tiny_hf_model(ARCH, root / "hf")
+    return src, nbtrt.convert(src, root / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny, tmp_path_factory):
+    _, ckpt = tiny
+    edir = nbtrt.build(ckpt, tmp_path_factory.mktemp("e") / "engine", backend="torch", max_batch_size=2,
+                       max_input_len=16, max_seq_len=32, compile=True)
+    return nbtrt.load(edir, device="cpu", warmup=False)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (9, 5)]
+    ids = torch.tensor([[0] * (9 - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (9 - len(p)) + [1] * len(p) for p in prompts])
+    return prompts, ids, mask, torch.randint(0, 257, (2, 6), generator=g)
+
+
+def test_compiled_engine_matches_hf(tiny, compiled):
+    src, _ = tiny
+    assert compiled.compiled and json.loads((compiled.engine_dir / "engine.json").read_text())["options"] == {"compile": True}
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    _, ids, mask, follow = _batch()
+    compiled.begin(2)
+    ours = [compiled.step(ids, mask)]
+    for t in range(follow.shape[1]):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        ours.append(compiled.step(follow[:, t:t + 1], mask))
+    with torch.no_grad():
+        full = ref(input_ids=torch.cat([ids, follow], 1), attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, 8:]
+    diff = (torch.stack(ours, 1) - full).abs()
+    assert diff.max().item() <= 1e-4, f"max {diff.max():.2e} mean {diff.mean():.2e}"
+
+
+def test_compiled_greedy_tokens_equal_eager(tiny, compiled):
+    _, ckpt = tiny
+    eager = TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt), max_batch_size=2, max_seq_len=32, compile=False)
+    prompts, *_ = _batch()
+    got = []
+    for engine in (eager, compiled):
+        state = GenerationState(prompts)
+        for _ in generate_tokens(engine, prompts, SamplingParams(max_new_tokens=12), state=state):
+            pass
+        got.append(state.tokens)
+    assert got[0] == got[1] and len(got[0][0]) == 12
+
+
+def test_second_engine_reuses_compiled_graphs(tiny, compiled):
+    """A reload compiles nothing new: the graphs are shared (and Inductor's disk cache serves new processes)."""
+    from torch._dynamo.utils import counters
+
+    _, ckpt = tiny
+    prompts, *_ = _batch()
+    for _ in generate_tokens(compiled, prompts, SamplingParams(max_new_tokens=2)):
+        pass
+    before = counters["stats"]["unique_graphs"]
+    again = TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt), max_batch_size=2, max_seq_len=32, compile=True,
+                                     warmup=False)
+    for _ in generate_tokens(again, prompts, SamplingParams(max_new_tokens=3)):
+        pass
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_capture_still_works_on_compiled_engine(compiled):
+    prompts, ids, _, _ = _batch()
+    logits, caught = compiled.capture([prompts[0]], ["embed", "layers.1.attn", "layers.1", "final_norm"])
+    assert set(caught) == {"embed", "layers.1.attn", "layers.1", "final_norm"}
+    assert caught["layers.1"].shape == (1, 9, 64)
+    compiled.begin(1)
+    last = compiled.step(torch.tensor([prompts[0]]), torch.ones(1, 9, dtype=torch.long))
+    torch.testing.assert_close(logits[:, -1], last, rtol=1e-4, atol=1e-4)
+
+
+def _reference(fmt, w, x):
+    """Each format's arithmetic as nbtrt.quantize.formats documents it, written out in float32."""
+    if fmt in ("int8_wo", "w8a8"):
+        s = w.abs().amax(1, keepdim=True) / 127
+        wd = (w / s).round().clamp(-127, 127) * s
+        if fmt == "w8a8":  # activations per token at run time
+            xs = x.abs().amax(1, keepdim=True) / 127
+            x = (x / xs).round().clamp(-127, 127) * xs
+        return x @ wd.t()
+    if fmt == "int4_wo":  # symmetric int4 per group of 64 inputs (the largest of 128/64/32 dividing 64)
+        N, K = w.shape
+        wg = w.reshape(N, K // 64, 64)
+        s = wg.abs().amax(-1, keepdim=True) / 7
+        return x @ ((wg / s).round().clamp(-8, 7) * s).reshape(N, K).t()
+    s = w.abs().amax() / 448  # fp8: weight per tensor, activations per token
+    xs = x.abs().amax(1, keepdim=True) / 448
+    return ((x / xs).to(torch.float8_e4m3fn).float() * xs) @ ((w / s).to(torch.float8_e4m3fn).float() * s).t()
+
+
+@pytest.mark.parametrize("fmt", sorted(QUANT_FORMATS))
+def test_quantized_linear_matches_its_arithmetic(fmt):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=True)
+    holder = torch.nn.Sequential(lin)
+    report = quantize_linears(holder, fmt)
+    assert report == {"format": fmt, "quantized": 1, "kept": []}
+    assert type(holder[0]).__name__ == {"int8_wo": "Int8WeightOnlyLinear", "int4_wo": "Int4WeightOnlyLinear",
+                                        "fp8": "FP8Linear", "w8a8": "W8A8Linear"}[fmt]
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        got = holder(x)
+        want = _reference(fmt, lin.weight, x) + lin.bias
+        exact = x @ lin.weight.t() + lin.bias
+    err = ((got - want).norm() / want.norm()).item()
+    assert err <= 1e-4 if fmt != "int4_wo" else err <= 3e-3, err  # int4 kernel keeps scale/zero in its dtype
+    # and quantization error itself is what the format promises, not garbage
+    bound = {"int8_wo": 0.02, "w8a8": 0.03, "fp8": 0.08, "int4_wo": 0.2}[fmt]
+    assert ((got - exact).norm() / exact.norm()).item() <= bound
+
+
+@pytest.mark.parametrize("fmt", ["int8_wo", "int4_wo"])
+def test_quantized_engine_close_to_float_and_capturable(tiny, tmp_path, fmt):
+    _, ckpt = tiny
+    float_engine = nbtrt.load(nbtrt.build(ckpt, tmp_path / "f", backend="torch", max_seq_len=32, max_input_len=16),
+                              device="cpu")
+    q = nbtrt.load(nbtrt.build(ckpt, tmp_path / "q", backend="torch", max_seq_len=32, max_input_len=16, quant=fmt),
+                   device="cpu")
+    # 2 layers x (qkv, o, gate, up, down) + lm_head; tinygemm needs out_features % 8 == 0 (vocab 257 is not)
+    assert q.quant_report["quantized"] == {"int8_wo": 11, "int4_wo": 10}[fmt]
+    assert q.quant_report["kept"] == ({"int8_wo": [], "int4_wo": ["lm_head"]}[fmt])
+    prompts, ids, mask, _ = _batch()
+    a, _ = float_engine.capture([prompts[0]], ["layers.0"])
+    b, caught = q.capture([prompts[0]], ["layers.0"])
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel <= {"int8_wo": 0.02, "int4_wo": 0.25}[fmt], rel
+    assert caught["layers.0"].shape == (1, 9, 64)
+
+
+def test_torch_build_options_are_checked(tiny, tmp_path):
+    _, ckpt = tiny
+    with pytest.raises(ValueError, match="quant='int3'"):
+        nbtrt.build(ckpt, tmp_path / "a", backend="torch", quant="int3")
+    with pytest.raises(ValueError, match="unknown torch build options"):
+        nbtrt.build(ckpt, tmp_path / "b", backend="torch", fused=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_engine_matches_hf_bf16(tiny):
+    src, _ = tiny
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).cuda().eval()
+    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(tiny[1], device="cuda", dtype="bfloat16"),
+                                      max_batch_size=2, max_seq_len=32)
+    assert engine.compiled  # the default on CUDA
+    _, ids, mask, follow = _batch()
+    ids, mask, follow = ids.cuda(), mask.cuda(), follow.cuda()
+    engine.begin(2)
+    ours = [engine.step(ids, mask)]
+    for t in range(follow.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        ours.append(engine.step(follow[:, t:t + 1], mask))
+    with torch.no_grad():
+        full = ref(input_ids=torch.cat([ids, follow], 1), attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, 8:]
+    ours = torch.stack(ours, 1).double()
+    assert ((ours - full.double()).norm() / full.double().norm()).item() <= 1e-2
