@@ -12,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import metrics as M
 from .capture import KIND_LABELS, Probe, Source, as_source, probes
@@ -285,15 +286,22 @@ def compare(reference, candidate, text: str | None = None, *, input_ids=None,
     wanted = probes(ref.arch, ref.config, layers=layers, kinds=kinds, names=names)
 
     stored: dict[str, torch.Tensor] = {}
-    ref_logits = ref.run(ids, wanted, lambda p, t: stored.__setitem__(p.name, t), pos)
     diffs: dict[str, TensorDiff] = {}
+    with tqdm(total=2 * len(wanted), desc=f"compare: {ref.label}", unit="tensor", leave=False) as bar:
+        def on_reference(p: Probe, t: torch.Tensor) -> None:
+            stored[p.name] = t
+            bar.update()
 
-    def on_candidate(p: Probe, t: torch.Tensor) -> None:
-        diffs[p.name] = measure(p, stored.pop(p.name), t)
+        def on_candidate(p: Probe, t: torch.Tensor) -> None:
+            diffs[p.name] = measure(p, stored.pop(p.name), t)
+            bar.update()
 
-    cand_logits = cand.run(ids, wanted, on_candidate, pos)
-    stored.clear()
-    lg = M.logits_metrics(ref_logits, cand_logits, k=k)
+        ref_logits = ref.run(ids, wanted, on_reference, pos)
+        bar.set_description(f"compare: {cand.label}")
+        cand_logits = cand.run(ids, wanted, on_candidate, pos)
+        stored.clear()
+        bar.set_description("compare: logits")
+        lg = M.logits_metrics(ref_logits, cand_logits, k=k)
     topk = lg.pop("topk_rows")
     del ref_logits, cand_logits
     for row in (r for per_b in topk for per_t in per_b for r in per_t):
@@ -370,11 +378,13 @@ def bisect(reference, candidate, text: str | None = None, *, input_ids=None, thr
                  stop_early=True)
         blocks["candidate"] += depth(wanted, cand)
         steps.append({"tensors": [p.name for p in wanted], "errors": errors})
+        bar.update()
         for p in wanted:
             if exceeds(errors[p.name], thr):
                 return Divergence(p.name, p.kind, p.layer, metric, errors[p.name], thr)
         return None
 
+    bar = tqdm(total=2 + max(L, 1).bit_length(), desc="bisect", unit="probe", leave=False)
     embed = [p for p in every if p.kind == "embed"]
     found = probe(embed) if embed else None
     if found is None:
@@ -388,4 +398,5 @@ def bisect(reference, candidate, text: str | None = None, *, input_ids=None, thr
         tail = [p for p in every if p.layer == lo] if lo < L else \
             [p for p in every if p.layer is None and p.kind != "embed"]
         found = probe(tail) if tail else None
+    bar.close()
     return Bisection(found, steps, blocks, L)

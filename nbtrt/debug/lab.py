@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import DecoderConfig
 from ..mapping import architecture_for
@@ -249,7 +250,7 @@ def check(reference, model, text: str | None = None, **compare_kw) -> Table:
     clean = compare(reference, decoder_from_tensors(cfg, tensors), text, label="no bug", **compare_kw)
     rows = [{"bug": "(none)", "expected": "no divergence", "found": clean.first_divergence.name
              if clean.first_divergence else "no divergence", "error": None, "ok": clean.first_divergence is None}]
-    for bug in applicable(cfg):
+    for bug in tqdm(applicable(cfg), desc="mismatch lab", unit="bug", leave=False):
         report = run(reference, (cfg, tensors), bug, text, **compare_kw)
         d = report.first_divergence
         expected = bug.first_tensor([t.name for t in report.tensors])
