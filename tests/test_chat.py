@@ -59,7 +59,8 @@ def test_user_text_cannot_inject_control_tokens(name):
     content = tok(evil, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert im_end not in content and im_start not in content
     # HF's own apply_chat_template would have let the user close the turn
-    assert tok.apply_chat_template([{"role": "user", "content": evil}])["input_ids"].count(im_end) > benign.count(im_end)
+    naive = tok.apply_chat_template([{"role": "user", "content": evil}])["input_ids"]
+    assert naive.count(im_end) > benign.count(im_end)
 
 
 BAD_HISTORIES = [
@@ -161,7 +162,8 @@ def test_cli_run(tiny, capsys):
     out, err = capsys.readouterr()
     assert out == tiny.engine.generate(["The capital of France is"], max_new_tokens=8)[0] + "\n"
     assert "TTFT" in err
-    assert main(["run", str(tiny.edir), "--prompt", "Hi", "--prompt", "Hello there", "--chat", "--max-new-tokens", "4"]) == 0
+    batch = ["--prompt", "Hi", "--prompt", "Hello there", "--chat", "--max-new-tokens", "4"]
+    assert main(["run", str(tiny.edir), *batch]) == 0
     assert capsys.readouterr().out.count("--- [") == 2
     assert main(["run", str(tiny.edir), "--prompt", "", "--max-new-tokens", "4"]) == 2
     assert "prompt is empty" in capsys.readouterr().err

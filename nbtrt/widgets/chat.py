@@ -16,6 +16,7 @@ Driven from code (tests, headless notebooks) the same way a person drives it::
 """
 from __future__ import annotations
 
+import html
 import threading
 import warnings
 from pathlib import Path
@@ -182,7 +183,7 @@ class Chat:
                 stats = GenerationStats()
                 jobs.append((pane, text, stats, session.send(text, cancel=self._cancel, stats=stats, **options)))
         except (GenerationError, OSError, ValueError) as e:
-            self.status.value = f"<span style='color:#b00'>{_html_escape(str(e))}</span>"
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
             return
         self.status.value = ""
         self.input.value = ""
@@ -235,7 +236,3 @@ class Chat:
             note += " *[stopped]*"
         pane.stats.value = stats.summary()
         pane.finish(answer, pane.turn(user, answer, note))
-
-
-def _html_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
