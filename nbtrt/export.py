@@ -29,7 +29,9 @@ PosixPath('work/onnx/model.onnx')
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -102,6 +104,9 @@ def export_onnx(ckpt_or_model: str | Path | Decoder, out_dir: str | Path, dtype:
 
     >>> export_onnx("work/ckpt", "work/onnx", dtype="float16")  # doctest: +SKIP
     """
+    from tqdm.auto import tqdm
+
+    stages = tqdm(total=4, desc="export: load decoder", unit="stage")
     model = ckpt_or_model if isinstance(ckpt_or_model, Decoder) else load_decoder(ckpt_or_model, dtype=dtype)
     if dtype is not None:
         model = model.to(TORCH_DTYPES[dtype])
@@ -110,13 +115,22 @@ def export_onnx(ckpt_or_model: str | Path | Decoder, out_dir: str | Path, dtype:
     quantized = _quantized_modules(model) if cfg.quantization else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _stage(stages, "export: trace (torch.export, ~1 s per layer)")
+    # the exporter logs one warning per torchvision op it cannot register; nbtrt uses none of them
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    chatter = io.StringIO()  # the exporter prints its own progress lines; shown only if it fails
     # a quantized decoder is traced with float stand-ins; the Q/DQ patterns replace them afterwards
-    with warnings.catch_warnings(), torch.no_grad(), _float_stand_ins(model, quantized):
+    with warnings.catch_warnings(), torch.no_grad(), _float_stand_ins(model, quantized), \
+            contextlib.redirect_stdout(chatter):
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter says nothing about our graph
-        program = torch.onnx.export(
-            _Contract(model.eval()), _example(cfg, torch_dtype), dynamo=True, opset_version=OPSET,
-            input_names=input_names(cfg), output_names=output_names(cfg),
-            dynamic_shapes=_dynamic_shapes(cfg), optimize=True, verbose=False)
+        try:
+            program = torch.onnx.export(
+                _Contract(model.eval()), _example(cfg, torch_dtype), dynamo=True, opset_version=OPSET,
+                input_names=input_names(cfg), output_names=output_names(cfg),
+                dynamic_shapes=_dynamic_shapes(cfg), optimize=True, verbose=False)
+        except Exception as e:
+            raise RuntimeError(f"torch.onnx.export failed for this decoder: {e}\n{chatter.getvalue()[-2000:]}") from e
+    _stage(stages, "export: name nodes" + (", quantize patterns" if quantized else ""))
     graph = program.model.graph
     for value in list(graph.initializers.values()):  # checkpoint names: layers.0.attn.qkv.weight
         value.name = value.name.removeprefix("decoder.")
@@ -130,11 +144,19 @@ def export_onnx(ckpt_or_model: str | Path | Decoder, out_dir: str | Path, dtype:
         "nbtrt.decoder": json.dumps({**cfg.to_dict(), "dtype": str(torch_dtype).removeprefix("torch.")}),
     })
     program.model.producer_name = "nbtrt"
+    _stage(stages, f"export: save {MODEL_FILE} + {DATA_FILE}")
     import onnx_ir as ir
 
     path = out_dir / MODEL_FILE
     ir.save(program.model, path, external_data=DATA_FILE)
+    _stage(stages, "export: done")
+    stages.close()
     return path
+
+
+def _stage(bar, name: str) -> None:
+    bar.update(1)
+    bar.set_description(name)
 
 
 def _scope(node) -> str:
@@ -385,6 +407,73 @@ def _drop_if_unused(graph, value) -> None:
 
 
 # ------------------------------------------------------------------------------ reading graphs
+ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 3: "int8", 2: "uint8", 22: "int4", 17: "float8e4m3fn",
+              7: "int64", 6: "int32", 9: "bool"}
+
+
+def graph_summary(onnx_path: str | Path) -> dict[str, list[dict]]:
+    """The graph's inputs and outputs (name, dtype, shape) and, per linear, the precision of its
+    weight and of its input, read from the file without loading the weights.
+
+    >>> graph_summary("work/engine/model.onnx")["linears"][0]  # doctest: +SKIP
+    {'module': 'layers.0.attn.qkv', 'weight': 'int4', 'block': 128, 'activation': 'float32', 'in x out': [576, 960]}
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    typed = {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
+
+    def io(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": ONNX_TYPES.get(t.elem_type, str(t.elem_type)),
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+    def origin(name):  # a MatMul operand back to its constant: (initializer, DequantizeLinear, transposed)
+        node = producer.get(name)
+        if node is not None and node.op_type in ("Transpose", "DequantizeLinear"):
+            found, _, transposed = origin(node.input[0])
+            dq = node if node.op_type == "DequantizeLinear" else None
+            return found, dq, transposed != (node.op_type == "Transpose")
+        return inits.get(name), None, False
+
+    linears = []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        weight, dq, transposed = origin(node.input[1])
+        if weight is None:
+            continue  # attention's activation x activation products
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute} if dq is not None else {}
+        x = producer.get(node.input[0])
+        quantized_input = x is not None and x.op_type == "DequantizeLinear"
+        act = inits[x.input[2]].data_type if quantized_input and len(x.input) > 2 else None
+        activation = ONNX_TYPES.get(act) if quantized_input else (
+            io(typed[node.input[0]])["dtype"] if node.input[0] in typed else "float")
+        if x is not None and x.op_type == "Mul" and x.name.endswith("/input/Mul"):
+            activation = "int8 (per token)"
+        linears.append({"module": node.name.removesuffix("/MatMul").lstrip("/").replace("/", "."),
+                        "weight": ONNX_TYPES.get(weight.data_type, str(weight.data_type)),
+                        "block": attrs.get("block_size"), "activation": activation,
+                        "in x out": list(weight.dims)[::-1] if transposed else list(weight.dims)})
+    return {"inputs": [io(v) for v in graph.input], "outputs": [io(v) for v in graph.output], "linears": linears}
+
+def engine_summary(engine_dir: str | Path) -> dict[str, list[dict]]:
+    """An engine directory at a glance: its files (from engine.json) and its graph (:func:`graph_summary`).
+
+    >>> summary = engine_summary("work/engine")  # doctest: +SKIP
+    >>> summary["files"], summary["inputs"], summary["outputs"], summary["linears"]  # doctest: +SKIP
+    """
+    from ._io import read_json
+
+    engine_dir = Path(engine_dir)
+    manifest = read_json(engine_dir / "engine.json")
+    files = [{"file": name, "MiB": round(info["bytes"] / 2 ** 20, 3)} for name, info in manifest["files"].items()]
+    return {"files": files, **graph_summary(engine_dir / MODEL_FILE)}
+
+
 def module_outputs(onnx_path: str | Path) -> dict[str, str]:
     """{module name: tensor name} recorded at export, read without loading the weights."""
     import onnx

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 import nbtrt
 from nbtrt._io import ArtifactError
-from nbtrt.engine import default_backend
+from nbtrt.engine import BACKENDS, default_backend
 from nbtrt.generate import GenerationError
 from nbtrt.testing import TINY, tiny_hf_model
 
@@ -339,3 +339,77 @@ def test_float16_engine(tiny, tmp_path):
     with pytest.raises(ValueError, match="no bfloat16 kernels.*dtype='float32'"):
         nbtrt.build(ckpt, tmp_path / "bf16", backend="onnxruntime", dtype="bfloat16", **LIMITS)
     assert not (tmp_path / "bf16").exists()
+
+
+# ------------------------------------------------------------------------------ notebook helpers
+def test_memory_plan_against_real_tensors(tiny):
+    """The plan's float32 numbers against what the engine really holds: the weight file's size
+    and the bytes of the present tensors after a prefill."""
+    from nbtrt.widgets.build import memory_plan
+
+    _, ckpt, ort, _ = tiny("LlamaForCausalLM")
+    B, T = 2, 9
+    ort.begin(B)
+    ort.step(torch.randint(0, 257, (B, T)), torch.ones(B, T, dtype=torch.long))
+    kv_bytes = sum(v.numpy().nbytes for v in ort._past)
+    row = memory_plan(ort.config, max_batch_size=B, max_seq_len=T)[0]
+    assert row["precision"] == "float32"
+    assert row["kv_cache_gib"] == pytest.approx(kv_bytes / 2 ** 30, rel=1e-3, abs=1e-6)
+    data = (ort.engine_dir / "model.onnx.data").stat().st_size
+    assert row["weights_gib"] == pytest.approx(data / 2 ** 30, rel=0.02)
+
+
+def test_build_options_widget(tiny, tmp_path):
+    from nbtrt.widgets import BuildOptions
+
+    _, ckpt, *_ = tiny("Qwen2ForCausalLM")
+    opts = BuildOptions(max_batch_size=2, max_input_len=16, max_seq_len=32)
+    assert opts.backend.value == default_backend()
+    assert opts.builder_opt_level.layout.display == "none"
+    opts.backend.value = "tensorrt"
+    assert opts.builder_opt_level.layout.display is None
+    if BACKENDS["tensorrt"].available():
+        assert "tensorrt cannot build here" in opts.status.value
+    opts.backend.value = "onnxruntime"
+    opts.dtype.value = "float16"
+    opts.max_input_len.value = 64
+    assert "max_input_len must not exceed max_seq_len" in opts.status.value
+    opts.max_input_len.value = 16
+    assert opts.kwargs == {"backend": "onnxruntime", "max_batch_size": 2, "max_input_len": 16, "max_seq_len": 32,
+                           "dtype": "float16"}
+    edir = nbtrt.build(ckpt, tmp_path / "e", **opts.kwargs)
+    summary = nbtrt.export.engine_summary(edir)
+    assert {f["file"] for f in summary["files"]} >= {"model.onnx", "model.onnx.data"}
+    assert {r["weight"] for r in summary["linears"]} == {"float16"}
+    assert summary["linears"][0] == {"module": "layers.0.attn.qkv", "weight": "float16", "block": None,
+                                     "activation": "float16", "in x out": [64, 128]}
+
+
+def test_tensorrt_profiles_cover_the_limits(tiny):
+    """The optimization profiles TensorRT would get (pure Python: the only part of the TensorRT
+    backend that runs without tensorrt): every shape the ONNX Runtime engine accepted in
+    prefill_and_decode lies inside the context or the generation profile."""
+    from nbtrt.backends.tensorrt import optimization_profiles
+    from nbtrt.engine import EngineLimits
+
+    *_, ort, _ = tiny("Qwen2ForCausalLM")
+    cfg, lim = ort.config, EngineLimits(**LIMITS)
+    context, generation = optimization_profiles(cfg, lim)
+    assert set(context) == set(generation) == set(nbtrt.export.input_names(cfg))
+
+    def inside(profile, shapes):
+        return all(all(lo <= s <= hi for lo, s, hi in zip(profile[n][0], shape, profile[n][2]))
+                   for n, shape in shapes.items())
+
+    def shapes(batch, seq, past):
+        kv = (batch, cfg.num_kv_heads, past, cfg.head_dim)
+        return {"input_ids": (batch, seq), "position_ids": (batch, seq), "attention_mask": (batch, past + seq),
+                **{n: kv for n in nbtrt.export.input_names(cfg)[3:]}}
+
+    for batch in (1, lim.max_batch_size):
+        for seq in (1, lim.max_input_len):
+            assert inside(context, shapes(batch, seq, 0))
+        for past in (1, lim.max_seq_len - 1):
+            assert inside(generation, shapes(batch, 1, past))
+    assert not inside(context, shapes(lim.max_batch_size + 1, 1, 0))
+    assert not inside(generation, shapes(1, 1, lim.max_seq_len))

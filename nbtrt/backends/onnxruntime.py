@@ -3,7 +3,9 @@
 This is the check that the ONNX contract computes the HF function; on a machine without
 TensorRT it is also the default engine. The KV cache stays in ONNX Runtime's own memory
 between steps: each step's ``present`` OrtValues are bound as the next step's ``past``
-(IO binding), so the cache never round-trips through numpy.
+(IO binding), so the cache never round-trips through numpy. On the CPU that measured no
+faster than plain ``session.run`` (smollm2-135m, batch 1: 18.6 vs 18.8 tokens/s, see
+benchmarks/cpu_build.py); it is what keeps the cache on the GPU under the CUDA provider.
 
 >>> engine = nbtrt.load(nbtrt.build("work/ckpt", "work/engine", backend="onnxruntime"))  # doctest: +SKIP
 """
@@ -80,8 +82,9 @@ class OnnxRuntimeEngine(Engine):
 
         ``accuracy_level`` is the compute precision ONNX Runtime picks when it fuses a quantized
         weight's DequantizeLinear -> MatMul into its MatMulNBits kernel: 1 computes in fp32, exactly
-        what the graph says; 4 (ONNX Runtime's own default) also quantizes the activations to int8
-        on the fly, faster but no longer the function TensorRT is given.
+        what the graph says (the default: this engine is the check of that graph); 4 (ONNX Runtime's
+        own default) also quantizes the activations to int8 on the fly — faster on int8/int4
+        checkpoints, but no longer the function TensorRT is given.
         """
         super().__init__(engine_dir, manifest)
         import onnxruntime as ort
@@ -90,10 +93,7 @@ class OnnxRuntimeEngine(Engine):
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.options.intra_op_num_threads = threads
         self.options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-        q = self.config.quantization
-        if "fp8" in (q.get("format"), q.get("kv_cache")):
-            # ONNX Runtime 1.31 fuses an FP8 DequantizeLinear -> MatMul into MatMulIntegerToFloat,
-            # which then rejects float8 inputs; unfused, its FP8 Q/DQ kernels run the graph as written
+        if self._keep_qdq_unfused(accuracy_level):
             self.options.add_session_config_entry("session.disable_quant_qdq", "1")
         available = ort.get_available_providers()
         self.provider = provider or ("CUDAExecutionProvider" if _has_cuda_provider() else "CPUExecutionProvider")
@@ -109,6 +109,20 @@ class OnnxRuntimeEngine(Engine):
         self._past_len = 0
         self._capture = None  # (names, session) of the last capture graph
         self._batch = 0
+
+    def _keep_qdq_unfused(self, accuracy_level: int) -> bool:
+        """Whether ONNX Runtime should run the graph's Q/DQ nodes as written instead of fusing them.
+
+        FP8: ONNX Runtime 1.31 fuses an FP8 DequantizeLinear -> MatMul into MatMulIntegerToFloat,
+        which then rejects float8 inputs. INT8 weights at accuracy_level 1: its 8-bit MatMulNBits
+        with fp32 compute measured 334 ms per token on smollm2-135m (1 thread), the unfused
+        DequantizeLinear -> MatMul 68 ms. INT4 keeps the fusion: its 4-bit kernel is the fast one.
+        """
+        from ..quantize.formats import FORMATS
+
+        q = self.config.quantization
+        weights = FORMATS[q["format"]].weight if q.get("format") else None
+        return "fp8" in (weights, q.get("kv_cache")) or (weights == "int8" and accuracy_level == 1)
 
     def _session(self, path: Path):
         import onnxruntime as ort

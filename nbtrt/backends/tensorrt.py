@@ -199,7 +199,7 @@ def build_plan(onnx_path: Path, plan_path: Path, cfg, limits, options: dict, tim
             config.set_flag(flag)
     config.builder_optimization_level = int(options["builder_opt_level"])
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options["workspace_gib"] * (1 << 30)))
-    for shapes in _profiles(cfg, limits):
+    for shapes in optimization_profiles(cfg, limits):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
@@ -221,7 +221,7 @@ def build_plan(onnx_path: Path, plan_path: Path, cfg, limits, options: dict, tim
     timing_cache.write_bytes(bytes(cache.serialize()))  # the next build starts from these timings
 
 
-def _profiles(cfg, limits) -> list[dict[str, tuple]]:
+def optimization_profiles(cfg, limits) -> list[dict[str, tuple]]:
     """(min, opt, max) shapes per input for the context (prefill) and generation (decode) profiles."""
     B, L, S = limits.max_batch_size, limits.max_input_len, limits.max_seq_len
     batch = (1, max(1, B // 2), B)
@@ -236,6 +236,17 @@ def _profiles(cfg, limits) -> list[dict[str, tuple]]:
 
     return [profile(seq=(1, max(1, L // 2), L), past=(0, 0, 0)),
             profile(seq=(1, 1, 1), past=(1, S // 2, S - 1))]
+
+
+def profile_table(cfg, max_batch_size: int, max_input_len: int, max_seq_len: int) -> list[dict]:
+    """:func:`optimization_profiles` for these limits as rows (profile, input, min, opt, max), for
+    display; layer 0's past_key_values stand for every layer's."""
+    from ..engine import EngineLimits
+
+    names = ("context", "generation")
+    profiles = optimization_profiles(cfg, EngineLimits(max_batch_size, max_input_len, max_seq_len))
+    return [{"profile": names[i], "input": name, "min": lo, "opt": opt, "max": hi}
+            for i, shapes in enumerate(profiles) for name, (lo, opt, hi) in list(shapes.items())[:5]]
 
 
 def _has_qdq(onnx_path: Path) -> bool:

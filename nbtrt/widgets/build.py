@@ -1,0 +1,143 @@
+"""``BuildOptions``: the engine build options of ``trtllm-build`` as widgets; ``.kwargs`` feeds
+:func:`nbtrt.build` directly. :func:`memory_plan` / :func:`memory_figure` show what the limits cost.
+
+    opts = BuildOptions(backend="onnxruntime", max_batch_size=4)
+    opts.max_seq_len.value = 2048
+    memory_figure(memory_plan(cfg, **opts.limits))
+    nbtrt.build(ckpt, "work/engine", **opts.kwargs)
+
+The memory plan is what the limits commit a GPU to before any request arrives: the weights in
+each precision, plus a KV cache sized for ``max_batch_size`` sequences of ``max_seq_len`` tokens
+(TensorRT-LLM preallocates it the same way).
+"""
+from __future__ import annotations
+
+import ipywidgets as w
+
+from ..config import DecoderConfig
+from ..engine import BACKENDS, _ensure_backends
+
+# precision -> (bytes per weight of a quantized linear, fp32 scales: "channel" | group size | None,
+#               bytes per weight of everything else (embeddings, norms, lm_head), bytes per KV entry)
+PRECISIONS: dict[str, tuple[float, object, float, float]] = {
+    "float32": (4, None, 4, 4),
+    "float16 / bfloat16": (2, None, 2, 2),
+    "int8 weights (int8_wo, int8_sq)": (1, "channel", 2, 2),
+    "fp8 weights + fp8 KV cache": (1, "tensor", 2, 1),
+    "int4 weights, group 128 (int4_wo, int4_awq)": (0.5, 128, 2, 2),
+    "int4 weights + int8 KV cache": (0.5, 128, 2, 1),
+}
+DTYPES = ("checkpoint", "float32", "float16", "bfloat16")
+GIB = 2 ** 30
+
+
+def memory_plan(cfg: DecoderConfig, max_batch_size: int, max_seq_len: int, max_input_len: int | None = None) -> list[dict]:
+    """Weights + KV cache (GiB) per precision for these limits; activations and workspace come on top
+    (``max_input_len`` sizes only those, so it does not change the plan; it is accepted so that the
+    three limits can be passed together).
+
+    >>> rows = memory_plan(cfg, max_batch_size=4, max_seq_len=1024)  # doctest: +SKIP
+    >>> rows[0]["precision"], rows[0]["total_gib"]  # doctest: +SKIP
+    ('float32', 0.677...)
+    """
+    h, L = cfg.hidden_size, cfg.num_layers
+    # (in, out) of every linear in a block: the ones quantization replaces
+    linears = [(h, cfg.qkv_size), (cfg.q_size, h), (h, cfg.intermediate_size), (cfg.intermediate_size, h)]
+    if cfg.gated_mlp:
+        linears.append((h, cfg.intermediate_size))
+    quantizable = L * sum(i * o for i, o in linears)
+    channels = L * sum(o for _, o in linears)
+    rest = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2) + (2 * L + 1) * h  # embeddings, lm_head, norms
+    kv_entries = 2 * L * max_batch_size * max_seq_len * cfg.num_kv_heads * cfg.head_dim
+    rows = []
+    for name, (q_bytes, scales, dense_bytes, kv_bytes) in PRECISIONS.items():
+        if scales == "channel":
+            scale_bytes = 4 * channels
+        elif scales == "tensor":
+            scale_bytes = 4 * L * len(linears)
+        else:  # one scale per group, or none
+            scale_bytes = 4 * quantizable / scales if scales else 0
+        weights = (quantizable * q_bytes + scale_bytes + rest * dense_bytes) / GIB
+        kv = kv_entries * kv_bytes / GIB
+        rows.append({"precision": name, "weights_gib": weights, "kv_cache_gib": kv, "total_gib": weights + kv})
+    return rows
+
+
+def memory_figure(rows: list[dict], title: str = "Memory plan: weights + KV cache"):
+    """Stacked bars of :func:`memory_plan` rows."""
+    import plotly.graph_objects as go
+
+    from ..plots import COLORS
+
+    fig = go.Figure()
+    for i, (key, label) in enumerate((("weights_gib", "weights"), ("kv_cache_gib", "KV cache"))):
+        fig.add_trace(go.Bar(x=[r["precision"] for r in rows], y=[r[key] for r in rows], name=label,
+                             marker_color=COLORS[i], hovertemplate="%{x}<br>%{y:.3f} GiB<extra>" + label + "</extra>"))
+    fig.update_layout(barmode="stack", title=title, yaxis_title="GiB", xaxis_tickangle=-20, height=420)
+    return fig
+
+
+class BuildOptions(w.VBox):
+    """Build options as widgets; ``kwargs`` -> ``nbtrt.build(ckpt, out, **kwargs)``.
+
+    The TensorRT-only options (builder optimization level, workspace, timing cache) show only
+    when the TensorRT backend is chosen; a backend that cannot run here says why.
+    """
+
+    def __init__(self, *, backend: str | None = None, max_batch_size: int = 4,
+                 max_input_len: int = 512, max_seq_len: int = 1024, dtype: str | None = None,
+                 builder_opt_level: int = 3, workspace_gib: float = 4.0, timing_cache: str = ""):
+        _ensure_backends()
+        from ..engine import default_backend
+
+        style = {"description_width": "150px"}
+        self.backend = w.Dropdown(options=sorted(BACKENDS), value=backend or default_backend(), description="backend",
+                                  style=style)
+        self.dtype = w.Dropdown(options=DTYPES, value=dtype or "checkpoint", description="precision", style=style)
+        self.max_batch_size = w.BoundedIntText(value=max_batch_size, min=1, max=1024, description="max_batch_size",
+                                               style=style)
+        self.max_input_len = w.BoundedIntText(value=max_input_len, min=1, max=1 << 20, description="max_input_len",
+                                              style=style)
+        self.max_seq_len = w.BoundedIntText(value=max_seq_len, min=1, max=1 << 20, description="max_seq_len",
+                                            style=style)
+        self.builder_opt_level = w.IntSlider(value=builder_opt_level, min=0, max=5, description="builder opt level",
+                                             style=style)
+        self.workspace_gib = w.BoundedFloatText(value=workspace_gib, min=0.25, max=1024, step=0.25,
+                                                description="workspace (GiB)", style=style)
+        self.timing_cache = w.Text(value=timing_cache, placeholder="default: $NBTRT_CACHE/tensorrt/timing.cache",
+                                   description="timing cache", style=style)
+        self.status = w.HTML()
+        super().__init__([self.backend, self.status, self.dtype, self.max_batch_size, self.max_input_len,
+                          self.max_seq_len, self.builder_opt_level, self.workspace_gib, self.timing_cache])
+        for control in (self.backend, self.max_batch_size, self.max_input_len, self.max_seq_len):
+            control.observe(lambda _: self._refresh(), names="value")
+        self._refresh()
+
+    def _refresh(self) -> None:
+        trt = self.backend.value == "tensorrt"
+        for control in (self.builder_opt_level, self.workspace_gib, self.timing_cache):
+            control.layout.display = None if trt else "none"
+        problems = []
+        reason = BACKENDS[self.backend.value].available()
+        if reason:
+            problems.append(f"{self.backend.value} cannot build here: {reason}")
+        if self.max_input_len.value > self.max_seq_len.value:
+            problems.append("max_input_len must not exceed max_seq_len")
+        self.status.value = "".join(f"<p style='color:#d62728'>{p}</p>" for p in problems)
+
+    @property
+    def limits(self) -> dict:
+        """The three engine limits: ``memory_plan(cfg, **opts.limits)``."""
+        return {"max_batch_size": self.max_batch_size.value, "max_input_len": self.max_input_len.value,
+                "max_seq_len": self.max_seq_len.value}
+
+    @property
+    def kwargs(self) -> dict:
+        """Everything :func:`nbtrt.build` takes besides the checkpoint and output paths."""
+        out = {"backend": self.backend.value, **self.limits}
+        if self.dtype.value != "checkpoint":
+            out["dtype"] = self.dtype.value
+        if self.backend.value == "tensorrt":
+            out.update(builder_opt_level=self.builder_opt_level.value, workspace_gib=self.workspace_gib.value,
+                       timing_cache=self.timing_cache.value or None)
+        return out
