@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     work = Path(a.work)
     timings: dict[str, float] = {}
+    load_start = os.getloadavg()  # timings are only comparable on an otherwise idle machine
 
     def timed(label, fn, *args, **kw):
         t = time.perf_counter()
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "quant_ppl", "model": a.model,
         "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
+                    "cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0],
+                    "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]}},
         "settings": {"calibration": cal.summary(), "eval_tokens": r.evaluation["tokens"], "seq_len": a.seq_len,
                      "evaluation": r.evaluation, "arithmetic": "float32 on CPU",
                      "quantized_from": "fp16 checkpoint", "reference": "fp32 checkpoint",

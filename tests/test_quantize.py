@@ -335,6 +335,9 @@ def test_non_finite_activations(tmp_path, tok_dir):
     with pytest.raises(QuantizationError, match=r"non-finite activations .* layers\.1\.mlp\.down"):
         nq.quantize(ckpt, out, "fp8", num_samples=2, seq_len=32)
     _nothing_written(out)
+    with pytest.raises(QuantizationError, match=r"layers\.1\.mlp\.up\.weight holds NaN/Inf"):
+        nq.quantize(ckpt, out, "int8_wo")  # weight-only: no calibration pass, the weights are checked
+    _nothing_written(out)
 
 
 def test_already_quantized_and_bad_options(tiny, quantized, tmp_path):

@@ -116,6 +116,9 @@ def quantize(ckpt: str | Path, out: str | Path, fmt: str | None, calib: str | li
     with torch.no_grad():
         for name in tqdm(layers, desc=f"quantizing ({fmt})", unit="linear"):
             w = model.get_submodule(name).weight.detach()
+            if not torch.isfinite(w).all():
+                raise QuantizationError(f"{name}.weight holds NaN/Inf values in {ckpt}: the checkpoint is broken "
+                                        "there (re-convert it); nothing was written")
             if fmt == "int4_awq":
                 stats = cal.inputs[name]
                 if not stats.samples:
