@@ -188,7 +188,8 @@ def build_plan(onnx_path: Path, plan_path: Path, cfg, limits, options: dict, tim
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads model.onnx.data beside it
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(f"node {parser.get_error(i).node()}: {parser.get_error(i).desc()}"
+                           for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
     _mark_debug_outputs(network, onnx_path, options["debug_outputs"])
 
