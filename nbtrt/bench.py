@@ -342,11 +342,15 @@ RUNNERS = ("hf-eager", "hf-compile", "nbtrt-torch", "nbtrt-torch-compiled", "nbt
 
 
 def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, *, device: str | None = None,
-                 dtype: str = "float32", precisions: list[str] | tuple[str, ...] = (), max_batch_size: int = 8,
-                 max_input_len: int = 512, max_seq_len: int = 1024, work_dir: str | Path = "work/bench") -> list[Runner]:
+                 dtype: str = "float32", precisions: list[str] | tuple[str, ...] = (),
+                 quantized_runners: list[str] | tuple[str, ...] | None = None, skip: dict[str, str] | None = None,
+                 max_batch_size: int = 8, max_input_len: int = 512, max_seq_len: int = 1024,
+                 work_dir: str | Path = "work/bench") -> list[Runner]:
     """Runners for a HF model (zoo name or directory): HF itself, and every listed nbtrt backend built
     from the converted checkpoint in ``dtype`` and from each quantized checkpoint in ``precisions``
-    (``nbtrt.quantize`` formats, e.g. "int8_wo", "int4_wo"). Unavailable ones come back skipped."""
+    (``nbtrt.quantize`` formats, e.g. "int8_wo", "int4_wo"), for the runners in ``quantized_runners``
+    (default: every nbtrt runner). Unavailable ones come back skipped, and so do those in ``skip``
+    (runner -> the reason it is not run)."""
     from transformers import AutoModelForCausalLM
 
     from . import build, convert, load
@@ -377,6 +381,9 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
     runners: list[Runner] = []
     hf = None
     for name in names:
+        if skip and name in skip:
+            runners.append(skipped(name, short, skip[name]))
+            continue
         if name.startswith("hf-"):
             hf = hf or AutoModelForCausalLM.from_pretrained(src, dtype=TORCH_DTYPES[dtype]).to(device).eval()
             runners.append(hf_runner(hf, compile=name == "hf-compile", max_batch_size=max_batch_size,
@@ -385,7 +392,8 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
         backend = name.removeprefix("nbtrt-").removesuffix("-compiled")
         cls = BACKENDS.get(backend)
         reason = "backend not registered in this nbtrt" if cls is None else cls.available()
-        for prec in (short, *precisions):
+        quantized = quantized_runners is None or name in quantized_runners
+        for prec in (short, *(precisions if quantized else ())):
             if reason:
                 runners.append(skipped(name, prec, reason))
                 continue
@@ -412,7 +420,9 @@ def _pad_id(model) -> int:
 
 def bench(src: str | Path, runners: list[str] | tuple[str, ...] = RUNNERS, workloads: list[Workload] | None = None,
           *, device: str | None = None, dtype: str = "float32", precisions: tuple[str, ...] = (),
-          max_batch_size: int = 8, work_dir: str | Path = "work/bench", out: str | Path | None = None, warmup: int = 1) -> dict:
+          quantized_runners: tuple[str, ...] | None = None, skip: dict[str, str] | None = None,
+          max_batch_size: int = 8, work_dir: str | Path = "work/bench", out: str | Path | None = None,
+          warmup: int = 1) -> dict:
     """Build the runners for ``src`` and measure them; write JSON to ``out`` when given. Engines are
     built with the limits the workloads need (max batch, longest prompt + output).
 
@@ -426,7 +436,8 @@ def bench(src: str | Path, runners: list[str] | tuple[str, ...] = RUNNERS, workl
     max_input = max(n for w in workloads for n, _ in w.lengths)
     # static batches pad prompts to the longest and run to the longest output
     max_seq_len = max_input + max(m for w in workloads for _, m in w.lengths)
-    built = make_runners(src, runners, device=device, dtype=dtype, precisions=precisions, max_batch_size=max_batch_size,
+    built = make_runners(src, runners, device=device, dtype=dtype, precisions=precisions,
+                         quantized_runners=quantized_runners, skip=skip, max_batch_size=max_batch_size,
                          max_input_len=max_input, max_seq_len=max_seq_len, work_dir=work_dir)
     from .convert import hf_config
 
@@ -460,14 +471,14 @@ def rows(result: dict) -> list[dict]:
 
 def table(result: dict) -> str:
     """A fixed-width text table of :func:`rows`."""
-    lines = [f"{'runner':24} {'prec':8} {'workload':30} {'tok/s':>9} {'req/s':>7} {'TTFT ms':>8} {'TPOT ms':>8} "
+    lines = [f"{'runner':24} {'prec':8} {'workload':38} {'tok/s':>9} {'req/s':>7} {'TTFT ms':>8} {'TPOT ms':>8} "
              f"{'p50 s':>7} {'p95 s':>7} {'MiB':>7} {'x HF':>6}"]
     for r in rows(result):
         if r["status"] != "ok":
-            lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:30} skipped: {r['reason']}")
+            lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:38} skipped: {r['reason']}")
             continue
         f = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:30} {r['tokens_per_s']:9.1f} "
+        lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:38} {r['tokens_per_s']:9.1f} "
                      f"{r['requests_per_s']:7.2f} {r['ttft_p50_ms']:8.1f} {f(r['tpot_p50_ms'], '8.2f')} "
                      f"{r['latency_p50_s']:7.2f} {r['latency_p95_s']:7.2f} {r['peak_mem_mib']:7.0f} "
                      f"{f(r['speedup_vs_hf_eager'], '6.2f')}")
@@ -504,11 +515,17 @@ def add_cli(sub) -> None:
 
 
 # ------------------------------------------------------------------------------ committed results and figures
-def latest(directory: str | Path = "benchmarks/results", prefix: str = "gpu_") -> tuple[Path, dict] | None:
-    """The newest committed result whose file name starts with ``prefix`` (names end in the date)."""
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # committed results (a source checkout)
+
+
+def latest(prefix: str = "gpu_", directory: str | Path = RESULTS) -> tuple[Path, dict] | None:
+    """The newest committed result whose file name starts with ``prefix`` (names end in the date).
+
+    >>> path, gpu = latest("gpu_")  # doctest: +SKIP
+    """
     import json
 
-    found = sorted(Path(directory).glob(f"{prefix}*.json"))
+    found = sorted(p for p in Path(directory).glob(f"{prefix}*.json") if not p.stem.endswith("_quick"))
     return (found[-1], json.loads(found[-1].read_text())) if found else None
 
 
@@ -518,6 +535,20 @@ def gpu_runs(gpu: dict) -> list[dict]:
             for r in res.values() if isinstance(r, dict) and "runner" in r]
     sweep = gpu.get("sweep") or {}
     return runs + [{**r, "model": sweep.get("model", "")} for r in sweep.get("results", [])]
+
+
+def llama8b_rows(gpu: dict) -> list[dict]:
+    """The 8B decode table of a benchmarks/gpu.py result: step time against the bandwidth floor per precision."""
+    rows = []
+    for prec, v in gpu.get("llama8b", {}).get("variants", {}).items():
+        if "tokens_per_s" in v:
+            rows.append({"precision": prec, "weights_GB": v["weight_bytes"] / 1e9, "step_ms": 1e3 * v["decode_step_s"],
+                         "floor_ms": 1e3 * v["bandwidth_floor_s"], "step_over_floor": v["step_over_floor"],
+                         "achieved_TB_s": v["achieved_tb_s"], "tokens_per_s": v["tokens_per_s"],
+                         "speedup_vs_bf16": v["speedup_vs_bf16"], "ttft_ms": 1e3 * v["ttft_s"]})
+        else:
+            rows.append({"precision": prec, "skipped": v.get("skipped") or v.get("error")})
+    return rows
 
 
 def _label(r: dict) -> str:
@@ -584,14 +615,15 @@ def fig_memory(runs: list[dict]):
 def quality_speed(runs: list[dict], quant_rows: list[dict], workload: str | None = None) -> list[dict]:
     """Join speed per precision (tokens/s of nbtrt runners) with the quantization report's
     perplexity per format; the float baseline matches the report's reference row."""
-    ppl = {r.get("format") or r.get("name"): r["perplexity"] for r in quant_rows}
-    ppl.update({k: v for r in quant_rows for k, v in [(r.get("name"), r["perplexity"])] if k})
-    floats = {"fp32", "fp16", "bf16"}
+    ppl = {r["name"]: r["perplexity"] for r in quant_rows if r.get("name")}
+    alias = {"w8a8": "int8_sq"}  # the engine's on-the-fly W8A8 is SmoothQuant's layout without smoothing
+    floats = ("fp32", "fp16", "bf16")
     out = []
     for r in runs:
         if r["status"] != "ok" or not r["runner"].startswith("nbtrt") or (workload and r["workload"] != workload):
             continue
-        p = ppl.get(r["precision"]) or next((ppl[k] for k in floats if r["precision"] in floats and k in ppl), None)
+        prec = alias.get(r["precision"], r["precision"])
+        p = ppl.get(prec) or next((ppl[k] for k in floats if prec in floats and k in ppl), None)
         if p is not None:
             out.append({"runner": r["runner"], "precision": r["precision"], "workload": r["workload"],
                         "tokens_per_s": r["tokens_per_s"], "perplexity": p})

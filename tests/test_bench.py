@@ -56,14 +56,15 @@ def test_tiny_bench_end_to_end(tiny_src, tmp_path):
     mix = B.sharegpt_like(5, seed=0, scale=0.05, max_input_len=12, max_output_len=6, batch_size=2)
     loads = [B.fixed(2, 6, 4, repeats=2), mix]
     out = tmp_path / "bench.json"
-    result = B.bench(tiny_src, ["hf-eager", "nbtrt-torch", "nbtrt-tensorrt"], loads, work_dir=tmp_path / "w",
-                     out=out, device="cpu")
+    result = B.bench(tiny_src, ["hf-eager", "hf-compile", "nbtrt-torch", "nbtrt-tensorrt"], loads, work_dir=tmp_path / "w",
+                     out=out, device="cpu", skip={"hf-compile": "not in this test"})
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(result["results"]))
     for key in ("date", "torch", "transformers", "nbtrt", "platform", "gpu"):
         assert key in saved["machine"]
     by = {(r["runner"], r["workload"]): r for r in saved["results"]}
-    assert len(by) == 6
+    assert len(by) == 8
+    assert by[("hf-compile", mix.name)] == {**by[("hf-compile", mix.name)], "status": "skipped", "reason": "not in this test"}
     for runner in ("hf-eager", "nbtrt-torch"):
         fixed_r, mix_r = by[(runner, loads[0].name)], by[(runner, mix.name)]
         assert fixed_r["status"] == mix_r["status"] == "ok"

@@ -179,3 +179,29 @@ def test_cuda_graph_engine_matches_hf_bf16(tiny):
                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, 8:]
     ours = torch.stack(ours, 1).double()
     assert ((ours - full.double()).norm() / full.double().norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("fmt,group,fast", [("int8_wo", 128, 10), ("int4_wo", 32, 10), ("int4_wo", 128, 0)])
+def test_quantized_checkpoint_runs_on_kernels(tiny, tmp_path, fmt, group, fast):
+    """A checkpoint from nbtrt.quantize loads into kernel-backed modules that compute what its
+    reference modules (formats.QuantLinear, dequantize then matmul) compute. Shapes the kernel
+    cannot take (int4 groups of 128 over 64 / 96 inputs) keep the reference module, reported."""
+    from nbtrt.quantize import quantize
+    from nbtrt.quantize.formats import QuantLinear
+
+    _, ckpt = tiny
+    qckpt = quantize(ckpt, tmp_path / "q", fmt, group_size=group)
+    reference = nbtrt.model.load_decoder(qckpt)
+    assert any(isinstance(m, QuantLinear) for m in reference.modules())
+    engine = nbtrt.load(nbtrt.build(qckpt, tmp_path / "e", backend="torch", max_seq_len=32, max_input_len=16),
+                        device="cpu")
+    assert engine.quant == fmt and engine.quant_report["quantized"] == fast
+    assert len(engine.quant_report["kept"]) == 10 - fast
+    assert sum(isinstance(m, QuantLinear) for m in engine.model.modules()) == 10 - fast
+    prompts, *_ = _batch()
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        want = reference(ids)[:, -1]
+    engine.begin(1)
+    got = engine.step(ids, torch.ones_like(ids))
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5

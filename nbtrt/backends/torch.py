@@ -4,11 +4,13 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
 
 - each decoder block goes through ``torch.compile`` (Inductor) once and that one graph serves
   every layer, so compile time does not grow with depth;
-- prefill has a dynamic sequence length and attends over the filled cache slots only;
+- prefill has a dynamic sequence length and attends over the filled cache slots only (an
+  unpadded prefill with no past runs plain causal attention: no [T, T] mask to build);
 - decode has static shapes and the whole step is captured in one CUDA graph per batch size,
   so a token costs one graph replay instead of hundreds of kernel launches;
-- quantized linears (INT8 / INT4 weight-only, FP8, W8A8) replace ``nn.Linear`` in place and run
-  through PyTorch's own kernels; for the batch-1 decode GEMV Inductor fuses the INT8
+- quantized linears (INT8 / INT4 weight-only, FP8, W8A8; from an nbtrt.quantize checkpoint or
+  quantized at load) replace ``nn.Linear`` in place and run through PyTorch's own kernels
+  (tinygemm, ``_scaled_mm``, ``_int_mm``); for the batch-1 decode GEMV Inductor fuses the INT8
   dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm`` with M=1 into one).
 
 Inductor's on-disk cache (FX graph cache) makes a reload compile in seconds. Capture (the
