@@ -155,7 +155,8 @@ class OnnxRuntimeEngine(Engine):
             raise GenerationError(f"sequence would reach {self._past_len + T} tokens, beyond this engine's "
                                   f"max_seq_len={self.limits.max_seq_len}")
         if self._past_len == 0 and T > self.limits.max_input_len:
-            raise GenerationError(f"prompt of {T} tokens exceeds this engine's max_input_len={self.limits.max_input_len}")
+            raise GenerationError(f"prompt of {T} tokens exceeds this engine's "
+                                  f"max_input_len={self.limits.max_input_len}")
         outs = self._run(self.session, input_ids, attention_mask, self.output_names)
         self._past = outs[1:]
         self._past_len += T

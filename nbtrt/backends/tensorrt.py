@@ -120,7 +120,8 @@ class TensorRTEngine(Engine):
             raise GenerationError(f"sequence would reach {self._past_len + T} tokens, beyond this engine's "
                                   f"max_seq_len={self.limits.max_seq_len}")
         if self._past_len == 0 and T > self.limits.max_input_len:
-            raise GenerationError(f"prompt of {T} tokens exceeds this engine's max_input_len={self.limits.max_input_len}")
+            raise GenerationError(f"prompt of {T} tokens exceeds this engine's "
+                                  f"max_input_len={self.limits.max_input_len}")
         if self._past_len > 0 and T != 1:
             raise GenerationError("after the prompt, this engine takes one token per step (generation profile)")
         outs = self._run(input_ids, attention_mask, self.output_names)

@@ -31,7 +31,8 @@ DTYPES = ("checkpoint", "float32", "float16", "bfloat16")
 GIB = 2 ** 30
 
 
-def memory_plan(cfg: DecoderConfig, max_batch_size: int, max_seq_len: int, max_input_len: int | None = None) -> list[dict]:
+def memory_plan(cfg: DecoderConfig, max_batch_size: int, max_seq_len: int,
+                max_input_len: int | None = None) -> list[dict]:
     """Weights + KV cache (GiB) per precision for these limits; activations and workspace come on top
     (``max_input_len`` sizes only those, so it does not change the plan; it is accepted so that the
     three limits can be passed together).
