@@ -19,7 +19,8 @@ zoo: setup
 
 # pytest exits 5 when it collected nothing: that is a failure only if nothing ran at all
 # (neither the tests nor the notebooks).
-test: setup
+test:
+	@bash scripts/setup.sh --browser
 	@set -u; ran=0; \
 	$(OFFLINE) $(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 0 ]; then ran=1; elif [ $$rc -ne 5 ]; then exit $$rc; fi; \

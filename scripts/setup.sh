@@ -21,6 +21,16 @@ TORCH_SPEC="torch==2.13.0"
 say() { echo "[setup] $*"; }
 die() { echo "[setup] ERROR: $*" >&2; exit 1; }
 
+# --browser: also make sure Debian's Chromium is there (the browser tests drive it through
+# Playwright; Playwright's own browser download cannot work on these machines).
+if [[ "${1:-}" == "--browser" ]] && ! command -v chromium >/dev/null 2>&1; then
+  command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] \
+    || die "the browser tests need Chromium: install Debian's 'chromium' package (apt-get install chromium)"
+  say "installing Debian's chromium for the browser tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    || die "apt-get install chromium failed"
+fi
+
 # 1. The interpreter: python3.11 if present, else python3 (must be >= 3.11).
 if [[ -z "${PYTHON:-}" ]]; then
   if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
