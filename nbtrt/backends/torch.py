@@ -156,8 +156,10 @@ class FP8Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1]).float()
         xs = _act_scale(x2, self.input_scale, 448.0)
         xq = (x2 / xs).clamp(-448, 448).to(torch.float8_e4m3fn)
-        out_dtype = x.dtype if x.is_cuda else torch.float32
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale, out_dtype=out_dtype)
+        if x.is_cuda:
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale, out_dtype=x.dtype)
+        else:  # no fp8 units on a CPU (and older PyTorch has no row-wise _scaled_mm there): same math in fp32
+            y = (xq.float() * xs) @ self.weight.float().t() * self.weight_scale
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -486,7 +488,8 @@ class TorchEngine(Engine):
     @torch.inference_mode()
     def begin(self, batch_size: int) -> None:
         if self.cache is None or self.cache.batch_size != batch_size:
-            self.cache, self._kv, self._static = None, [], {}  # free the old buffers (and graphs) first
+            # free the old buffers and the graphs that point into them (with their memory pool) first
+            self.cache, self._kv, self._static, self._pool = None, [], {}, None
             self.cache = StaticKVCache(self.config, batch_size, self.limits.max_seq_len, dtype=self.dtype,
                                        device=self.device)
             self._kv = [(getattr(self.cache, f"k{i}"), getattr(self.cache, f"v{i}")) for i in range(self.config.num_layers)]
