@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from browser.lab import browser_page, cell_errors, jupyter_lab, open_notebook, run_all, wait_until_done
+from browser.lab import (browser_page, cell_errors, jupyter_lab, open_notebook, run_all, shutdown_kernels,
+                         wait_until_done)
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ def lab():
 def page(lab):
     with browser_page() as page:
         yield page
+    shutdown_kernels(*lab)
 
 
 def run_notebook(page, lab, name, poll=None):

@@ -61,6 +61,18 @@ def jupyter_lab(root: Path, log: Path):
             proc.kill()
 
 
+def shutdown_kernels(url: str, token: str) -> None:
+    """Stop every kernel the server runs, so an idle notebook's thread pools stop using the CPU."""
+    import json
+
+    headers = {"Authorization": f"token {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/api/kernels", headers=headers), timeout=10) as r:
+        kernels = json.load(r)
+    for kernel in kernels:
+        req = urllib.request.Request(f"{url}/api/kernels/{kernel['id']}", headers=headers, method="DELETE")
+        urllib.request.urlopen(req, timeout=30).close()
+
+
 @contextlib.contextmanager
 def browser_page(viewport=(1400, 1000)):
     from playwright.sync_api import sync_playwright
