@@ -11,6 +11,7 @@ Sections (``--sections``, default all; each is timed, a failure is recorded and 
   small     smollm2-135m and qwen2.5-0.5b configs, batch 1, 128-token prompt, 256 new tokens:
             HF eager generate, HF static cache + torch.compile, nbtrt compiled (tokens/s incl. context)
   sweep     qwen2.5-0.5b config, batch 1/8/32/64 (prompt 128, 128 new): tokens/s and peak memory vs HF
+  mix       qwen2.5-0.5b config, the ShareGPT-like mix (100 requests, seed 0) in static batches of 64
   kernels   each quantized linear vs its dequantized reference on a real 8B shape
   llama8b   llama-3.1-8b config, bf16 / int8_wo / int4_wo / fp8 / w8a8: decode step time vs the
             bandwidth floor, tokens/s through the generation loop; bf16 prefill of 2048 tokens vs
@@ -308,6 +309,25 @@ def sec_sweep(R, quick):
     free()
 
 
+def sec_mix(R, quick):
+    """The ShareGPT-like request mix (100 requests, seed 0, full-size lengths) in static batches of 64."""
+    n, cap, bs = (12, 32, 4) if quick else (100, 1024, 64)
+    mix = B.sharegpt_like(n, seed=0, max_input_len=cap, max_output_len=cap, batch_size=bs)
+    hf = hf_on_device(real_config("qwen2.5-0.5b", quick), torch.bfloat16)
+    V = hf.config.vocab_size
+    rows = [B.measure(B.hf_runner(hf, compile=False, max_batch_size=bs), mix, V),
+            B.measure(B.hf_runner(hf, compile=True, max_batch_size=bs), mix, V)]  # listed skipped, with the reason
+    model = nbtrt_from_hf(hf, "bfloat16")
+    del hf
+    free()
+    longest = max(a for a, _ in mix.lengths) + max(b for _, b in mix.lengths)
+    eng = TorchEngine.from_decoder(model, max_batch_size=bs, max_seq_len=longest, compile=True)
+    rows.append(B.measure(B.engine_runner(eng), mix, V))
+    R["mix"] = {"model": "qwen2.5-0.5b", "workload": mix.name, "lengths": mix.lengths, "results": rows}
+    del eng, model
+    free()
+
+
 def _kernel_reference(fmt: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """What each format computes (nbtrt.quantize.formats' layout), written out independently in float32."""
     wf, xf = w.float(), x.float()
@@ -494,6 +514,10 @@ def summary(R) -> str:
             if r["status"] == "ok":
                 lines.append(f"sweep {r['runner']:22} b{r['batch_size']:<3} {r['tokens_per_s']:9.1f} tok/s "
                              f"peak {r['peak_memory_bytes'] / 2 ** 30:.2f} GiB")
+    for r in (R.get("mix") or {}).get("results", []):
+        lines.append(f"mix {r['runner']:22} " + (f"{r['tokens_per_s']:9.1f} tok/s {r['requests_per_s']:.2f} req/s "
+                     f"latency p50 {r['latency_s']['p50']:.2f} s p95 {r['latency_s']['p95']:.2f} s "
+                     f"ttft p50 {r['ttft_s']['p50']:.3f} s" if r["status"] == "ok" else f"skipped: {r['reason']}"))
     for fmt, row in R.get("kernels", {}).items():
         lines.append(f"kernel {fmt:8} " + "  ".join(f"{k} {v:.1e}" for k, v in row.items() if isinstance(v, float))
                      + (f" {row.get('skipped', '')}{row.get('error', '')}"))
