@@ -533,8 +533,10 @@ def gpu_runs(gpu: dict) -> list[dict]:
     """The measurements of a benchmarks/gpu.py result in the shape of :func:`run_all`'s, each with its model."""
     runs = [{**r, "model": model} for model, res in gpu.get("small", {}).items()
             for r in res.values() if isinstance(r, dict) and "runner" in r]
-    sweep = gpu.get("sweep") or {}
-    return runs + [{**r, "model": sweep.get("model", "")} for r in sweep.get("results", [])]
+    for key in ("sweep", "mix"):
+        section = gpu.get(key) or {}
+        runs += [{**r, "model": section.get("model", "")} for r in section.get("results", [])]
+    return runs
 
 
 def llama8b_rows(gpu: dict) -> list[dict]:
