@@ -616,16 +616,15 @@ def fig_memory(runs: list[dict]):
 
 def quality_speed(runs: list[dict], quant_rows: list[dict], workload: str | None = None) -> list[dict]:
     """Join speed per precision (tokens/s of nbtrt runners) with the quantization report's
-    perplexity per format; the float baseline matches the report's reference row."""
+    perplexity per format (rows named as the precision; fp32 is the report's float32)."""
     ppl = {r["name"]: r["perplexity"] for r in quant_rows if r.get("name")}
-    alias = {"w8a8": "int8_sq"}  # the engine's on-the-fly W8A8 is SmoothQuant's layout without smoothing
-    floats = ("fp32", "fp16", "bf16")
+    # report names of the same arithmetic (the engine's on-the-fly W8A8 is SmoothQuant's layout unsmoothed)
+    alias = {"fp32": "float32", "w8a8": "int8_sq"}
     out = []
     for r in runs:
         if r["status"] != "ok" or not r["runner"].startswith("nbtrt") or (workload and r["workload"] != workload):
             continue
-        prec = alias.get(r["precision"], r["precision"])
-        p = ppl.get(prec) or next((ppl[k] for k in floats if prec in floats and k in ppl), None)
+        p = ppl.get(alias.get(r["precision"], r["precision"]))
         if p is not None:
             out.append({"runner": r["runner"], "precision": r["precision"], "workload": r["workload"],
                         "tokens_per_s": r["tokens_per_s"], "perplexity": p})
