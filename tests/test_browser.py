@@ -5,13 +5,14 @@ layer-diff figure drawn with its traces, the build progress bar advancing to com
 Screenshots land in build/screenshots/.
 """
 import re
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from browser.lab import (browser_page, cell_errors, jupyter_lab, open_notebook, run_all, shutdown_kernels,
-                         wait_until_done)
+from browser.lab import (browser_page, cell_errors, jupyter_lab, open_notebook, progress_bar_states,
+                         record_progress_bars, run_all, shutdown_kernels, wait_until_done)
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +21,13 @@ NOTEBOOK_TIMEOUT_S = 1200
 
 
 @pytest.fixture(scope="module")
-def lab():
+def lab(tmp_path_factory):
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with jupyter_lab(ROOT / "notebooks", SHOTS / "jupyterlab.log") as server:
+    # a copy: JupyterLab autosaves, and the committed notebooks stay without outputs
+    root = tmp_path_factory.mktemp("notebooks")
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        shutil.copy(notebook, root / notebook.name)
+    with jupyter_lab(root, SHOTS / "jupyterlab.log") as server:
         yield server
 
 
@@ -33,11 +38,12 @@ def page(lab):
     shutdown_kernels(*lab)
 
 
-def run_notebook(page, lab, name, poll=None):
+def run_notebook(page, lab, name):
     url, token = lab
     open_notebook(page, url, token, name)
+    record_progress_bars(page)
     run_all(page)
-    wait_until_done(page, NOTEBOOK_TIMEOUT_S, poll)
+    wait_until_done(page, NOTEBOOK_TIMEOUT_S)
     page.screenshot(path=str(SHOTS / f"{Path(name).stem}-done.png"), full_page=False)
     assert cell_errors(page) == [], f"{name} raised in the browser"
 
@@ -58,18 +64,8 @@ def test_convert_draws_the_layer_diff(page, lab):
 
 
 def test_build_progress_bar_advances_and_completes(page, lab):
-    seen: list[tuple[str, float]] = []
-
-    def poll():
-        for label, width in page.evaluate(
-                "() => [...document.querySelectorAll('.widget-hprogress')].map(p => {"
-                " const box = p.closest('.widget-hbox');"
-                " const label = box ? box.innerText : '';"
-                " return [label, parseFloat(p.querySelector('.progress-bar').style.width) || 0]; })"):
-            seen.append((label, width))
-
-    run_notebook(page, lab, "03_build.ipynb", poll)
-    poll()
+    run_notebook(page, lab, "03_build.ipynb")
+    seen = progress_bar_states(page)  # every state the bars passed through (a MutationObserver)
     build = [(label, width) for label, width in seen if re.search(r"build|export", label, re.I)]
     assert build, f"no build progress bar seen; bars: {sorted(set(seen))[:10]}"
     assert any(0 < width < 100 for _, width in build), f"build bar never seen mid-way: {sorted(set(build))}"

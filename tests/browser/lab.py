@@ -123,6 +123,24 @@ def wait_until_done(page, timeout_s: float, poll=None) -> None:
     raise TimeoutError(f"notebook still running after {timeout_s} s")
 
 
+def record_progress_bars(page) -> None:
+    """Record every (label, width %) state any progress bar passes through, from now on."""
+    page.evaluate("""() => {
+        window.__nbtrtBars = new Set();
+        const record = () => document.querySelectorAll('.widget-hprogress').forEach(p => {
+            const box = p.closest('.widget-hbox');
+            const width = parseFloat(p.querySelector('.progress-bar').style.width) || 0;
+            window.__nbtrtBars.add(JSON.stringify([box ? box.innerText : '', width]));
+        });
+        new MutationObserver(record).observe(document.body,
+            {subtree: true, childList: true, attributes: true, characterData: true});
+    }""")
+
+
+def progress_bar_states(page) -> list[tuple[str, float]]:
+    return [tuple(x) for x in page.evaluate("() => [...window.__nbtrtBars].map(s => JSON.parse(s))")]
+
+
 def cell_errors(page) -> list[str]:
     return page.evaluate(
         "() => [...document.querySelectorAll('.jp-RenderedText[data-mime-type=\"application/vnd.jupyter.stderr\"]')]"
