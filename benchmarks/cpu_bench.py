@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--runners", default=",".join(RUNNERS))
     ap.add_argument("--precisions", default="int8_wo,int4_wo")
+    ap.add_argument("--quantized-runners", default="nbtrt-torch-compiled,nbtrt-onnxruntime",
+                    help="the runners that also run the quantized precisions")
     ap.add_argument("--quick", action="store_true", help="short lengths, 16 requests (a rehearsal)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--work", default="work/cpu_bench")
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         out = Path(a.out_dir) / f"cpu_{model}_{date}{'_quick' if a.quick else ''}.json"
         result = B.bench(model, a.runners.split(","), loads, device="cpu", dtype="float32",
                          precisions=tuple(p for p in a.precisions.split(",") if p),
-                         quantized_runners=("nbtrt-torch-compiled", "nbtrt-onnxruntime"), skip=SKIP, max_batch_size=8,
+                         quantized_runners=tuple(a.quantized_runners.split(",")), skip=SKIP, max_batch_size=8,
                          work_dir=Path(a.work) / model, out=out)
         print(f"== {model} -> {out}\n{B.table(result)}", flush=True)
     return 0
