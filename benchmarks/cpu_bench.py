@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_bench.py                    # both models -> benchmarks/results/cpu_<model>_<date>.json
     python benchmarks/cpu_bench.py --models smollm2-135m-instruct --quick
+    python benchmarks/cpu_bench.py --markdown          # the README's tables, from the committed JSON
 
 Workloads: batch 1 and 4 with a 128-token prompt and 32 new tokens (2 repeats), and the ShareGPT-like mix
 (100 requests, seed 0, lengths scaled by 1/32 for the CPU) in static batches of 8. Precisions:
@@ -36,7 +37,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="short lengths, 16 requests (a rehearsal)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--work", default="work/cpu_bench")
+    ap.add_argument("--markdown", action="store_true", help="print the latest committed results as markdown tables")
     a = ap.parse_args(argv)
+    if a.markdown:
+        for model in a.models.split(","):
+            found = B.latest(f"cpu_{model}_", a.out_dir)
+            if found:
+                print(f"### {model} ({found[0].name})\n\n{B.markdown(found[1])}\n")
+        return 0
     new, prompt, n = (8, 32, 16) if a.quick else (32, 128, 100)
     loads = [B.fixed(1, prompt, new, repeats=2), B.fixed(4, prompt, new, repeats=2),
              B.sharegpt_like(n, seed=0, scale=1 / 32, max_input_len=256, max_output_len=64)]

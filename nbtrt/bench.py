@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import platform
 import threading
 import time
@@ -311,10 +312,12 @@ def machine() -> dict:
     from . import __version__
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "nbtrt": __version__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    if hasattr(os, "getloadavg"):  # CPU timings on a shared machine are only as good as its idleness
+        info["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     try:
         import onnxruntime
 
@@ -482,6 +485,27 @@ def table(result: dict) -> str:
                      f"{r['requests_per_s']:7.2f} {r['ttft_p50_ms']:8.1f} {f(r['tpot_p50_ms'], '8.2f')} "
                      f"{r['latency_p50_s']:7.2f} {r['latency_p95_s']:7.2f} {r['peak_mem_mib']:7.0f} "
                      f"{f(r['speedup_vs_hf_eager'], '6.2f')}")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """A markdown table of :func:`rows`, one line per runner and precision, one column per
+    workload: tokens/s and the speedup over HF eager on that workload. Skipped runners are listed
+    underneath with their reasons. The README's performance tables are made of it."""
+    table_rows = rows(result)
+    workloads = list(dict.fromkeys(r["workload"] for r in table_rows))
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in table_rows:
+        if r["status"] == "ok":
+            x = r["speedup_vs_hf_eager"]
+            cells.setdefault((r["runner"], r["precision"]), {})[r["workload"]] = (
+                f"{r['tokens_per_s']:.1f}" + (f" ({x:.2f}×)" if x is not None else ""))
+    lines = ["| runner | precision | " + " | ".join(workloads) + " |", "|---|---|" + "---|" * len(workloads)]
+    lines += [f"| {name} | {prec} | " + " | ".join(c.get(w, "-") for w in workloads) + " |"
+              for (name, prec), c in cells.items()]
+    reasons = sorted({(r["runner"], r["reason"]) for r in table_rows if r["status"] != "ok"})
+    if reasons:
+        lines += [""] + [f"Skipped: `{name}`: {reason}" for name, reason in reasons]
     return "\n".join(lines)
 
 

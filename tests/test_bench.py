@@ -78,6 +78,13 @@ def test_tiny_bench_end_to_end(tiny_src, tmp_path):
     assert trt["status"] == "skipped" and trt["reason"]
     text = B.table(result)
     assert "skipped" in text and "hf-eager" in text
+    md = B.markdown(result).splitlines()
+    assert md[0] == f"| runner | precision | {loads[0].name} | {mix.name} |"
+    torch_row = next(line for line in md if line.startswith("| nbtrt-torch | fp32 |"))
+    tps = by[("nbtrt-torch", mix.name)]["tokens_per_s"]
+    speedup = tps / by[("hf-eager", mix.name)]["tokens_per_s"]
+    assert torch_row.endswith(f"| {tps:.1f} ({speedup:.2f}×) |")
+    assert any(line.startswith("Skipped: `nbtrt-tensorrt`: ") for line in md)
 
 
 def test_token_counts_equal_what_was_generated(tiny_src, tmp_path):
