@@ -39,6 +39,9 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the artifact is an ordinary directory
     try:
         yield tmp
         if out.exists():
@@ -53,12 +56,20 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a file atomically (temp file + rename): readers see the old content or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: concurrent writers don't share it
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import ArtifactError
+from ._io import ArtifactError, read_json
 
 DTYPES = ("float32", "float16", "bfloat16")
 ROPE_TYPES = {
@@ -93,6 +92,10 @@ class DecoderConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ArtifactError(f"unknown decoder config keys {unknown}; was this written by a newer nbtrt?")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ArtifactError(f"the decoder config lacks {missing}; re-run the stage that wrote it")
         return cls(**data)
 
 
@@ -101,7 +104,7 @@ def load_checkpoint_config(ckpt_dir: str | Path) -> tuple[DecoderConfig, dict]:
     path = Path(ckpt_dir) / "config.json"
     if not path.is_file():
         raise ArtifactError(f"{ckpt_dir} is not an nbtrt checkpoint: config.json is missing")
-    data = json.loads(path.read_text())
+    data = read_json(path)
     if "decoder" not in data:
         raise ArtifactError(
             f"{path} has no 'decoder' block: this looks like a HuggingFace directory; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import numbers
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,22 @@ from .generate import (GenerationError, GenerationState, GenerationStats, Sampli
                        generate_text, generate_tokens)
 
 ENGINE_JSON = "engine.json"
+
+
+def token_lists(input_ids) -> list[list[int]]:
+    """``input_ids`` as a list of token-id lists (a batch), or a clear error for the usual slips:
+    one flat list of ids, or text where ids belong. Tensors and arrays of shape [B, T] are accepted.
+
+    >>> token_lists([[1, 2, 3]])
+    [[1, 2, 3]]
+    """
+    if hasattr(input_ids, "tolist"):
+        input_ids = input_ids.tolist()
+    if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, (list, tuple)) \
+            or not all(isinstance(p, (list, tuple)) for p in input_ids):
+        raise GenerationError("input_ids must be a batch: a list of token-id lists, e.g. [[1, 2, 3]] "
+                              "(for text, pass prompts instead)")
+    return [list(p) for p in input_ids]
 
 
 @dataclass(frozen=True)
@@ -86,9 +103,21 @@ class Engine:
         raise NotImplementedError
 
     def capture(self, input_ids: list[list[int]], names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Prefill ``input_ids`` (a fresh batch) and return (logits [B, T, V], {name: tensor}) for the
-        named intermediate tensors. Names are nbtrt module names (see :mod:`nbtrt.model`), e.g.
-        ``"embed"``, ``"layers.3.attn"``, ``"layers.3"``, ``"final_norm"``. Tensors come back on the CPU."""
+        """Prefill ``input_ids`` (a fresh batch of equal-length prompts) and return (logits [B, T, V],
+        {name: tensor}) for the named intermediate tensors. Names are nbtrt module names (see
+        :mod:`nbtrt.model`), e.g. ``"embed"``, ``"layers.3.attn"``, ``"layers.3"``, ``"final_norm"``.
+        Tensors come back on the CPU. Waits for a generation running on another thread.
+
+        >>> logits, tensors = engine.capture([engine.encode("Hello")], ["layers.0.attn"])  # doctest: +SKIP
+        """
+        prompts = token_lists(input_ids)
+        self.check_request(prompts, 1)
+        if len({len(p) for p in prompts}) != 1:
+            raise GenerationError("capture needs prompts of equal length (no padding)")
+        with exclusive(self):  # it replaces the KV cache: never in the middle of someone's stream
+            return self._capture(prompts, list(names))
+
+    def _capture(self, prompts: list[list[int]], names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} cannot capture intermediate tensors")
 
     # ------------------------------------------------------------------ shared
@@ -126,7 +155,8 @@ class Engine:
             if len(p) > lim.max_input_len:
                 raise GenerationError(f"prompt {i} has {len(p)} tokens, more than this engine's "
                                       f"max_input_len={lim.max_input_len}; shorten it or rebuild the engine")
-            bad = [t for t in p if not 0 <= t < self.config.vocab_size]
+            bad = [t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                   or not 0 <= t < self.config.vocab_size]
             if bad:
                 raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
         if max_new_tokens < 1:
@@ -157,7 +187,7 @@ class Engine:
         if as_text:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             input_ids = [list(p) if isinstance(p, (list, tuple)) else self.encode(p) for p in prompts]
-        input_ids = [list(p) for p in input_ids]
+        input_ids = token_lists(input_ids)
         state = GenerationState(input_ids, stats=stats or GenerationStats())
         texts = [""] * len(input_ids)
         with exclusive(self):
@@ -293,7 +323,7 @@ def add_cli(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true")
     # backend options (as trtllm-build's); each backend rejects the ones it does not take
-    p.add_argument("--dtype", default=None, help="engine precision (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="engine precision (default: the checkpoint's)")
     p.add_argument("--builder-opt-level", type=int, default=None, help="TensorRT builder optimization level 0-5")
     p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace memory limit")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file reused across builds")

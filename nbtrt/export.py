@@ -29,6 +29,7 @@ PosixPath('work/onnx/model.onnx')
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -107,11 +108,14 @@ def export_onnx(ckpt_or_model: str | Path | Decoder, out_dir: str | Path, dtype:
     from tqdm.auto import tqdm
 
     stages = tqdm(total=4, desc="export: load decoder", unit="stage")
-    model = ckpt_or_model if isinstance(ckpt_or_model, Decoder) else load_decoder(ckpt_or_model, dtype=dtype)
-    if dtype is not None:
-        model = model.to(TORCH_DTYPES[dtype])
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    if isinstance(ckpt_or_model, Decoder):
+        model = ckpt_or_model if dtype is None else copy.deepcopy(ckpt_or_model).to(TORCH_DTYPES[dtype])  # not the caller's
+    else:
+        model = load_decoder(ckpt_or_model, dtype=dtype)
     cfg = model.cfg
-    torch_dtype = model.lm_head.weight.dtype
+    torch_dtype = model.embed.tok.weight.dtype  # a quantized lm_head has an integer weight
     quantized = _quantized_modules(model) if cfg.quantization else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

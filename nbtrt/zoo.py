@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ._io import file_sha256
+
 __all__ = ["ZOO", "ZooEntry", "ZooError", "available", "get", "resolve", "locate_parts",
            "assemble_gguf", "verify_gguf", "cache_root"]
 
@@ -210,14 +212,6 @@ def assemble_gguf(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     return sha.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """An exclusive lock file, so parallel processes (pytest-xdist) materialize a model once."""
@@ -309,7 +303,7 @@ def get(name: str, *, cache_dir: str | os.PathLike | None = None, force: bool = 
                     raise ZooError(f"{parts[0]} is missing; it ships in package {entry.packages[0]!r}. "
                                    f"Run: {_install_hint(entry.packages[0])}")
                 verify_gguf(parts[0])
-                gguf_dir, gguf_file, sha = parts[0].parent, parts[0].name, _sha256(parts[0])
+                gguf_dir, gguf_file, sha = parts[0].parent, parts[0].name, file_sha256(parts[0])
             else:
                 gguf_path = tmp / entry.gguf_name
                 sha = assemble_gguf(parts, gguf_path, packages=entry.packages)

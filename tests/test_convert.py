@@ -117,6 +117,25 @@ def test_truncated_safetensors(tmp_path, tiny):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+def test_broken_checkpoint_config_is_a_clear_error(tmp_path, tiny):
+    from nbtrt.config import load_checkpoint_config
+
+    _, ckpt = tiny["LlamaForCausalLM"]
+    assert ckpt.stat().st_mode & 0o755 == 0o755  # an ordinary directory, not mkdtemp's private 0700
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    text = (bad / "config.json").read_text()
+    (bad / "config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ArtifactError, match=r"config\.json is not valid JSON"):
+        load_checkpoint_config(bad)
+    cfg = json.loads(text)
+    del cfg["decoder"]["num_layers"], cfg["decoder"]["hidden_size"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match=r"lacks \['hidden_size', 'num_layers'\]|lacks \['num_layers', 'hidden_size'\]"):
+        nbtrt.load(nbtrt.build(bad, tmp_path / "engine", backend="torch"))
+    assert not (tmp_path / "engine").exists()
+
+
 def test_shape_that_does_not_match_config(tmp_path, tiny):
     src, _ = tiny["LlamaForCausalLM"]
     bad = tmp_path / "shape"

@@ -253,6 +253,8 @@ def test_unfinished_stream_in_same_thread_is_a_clear_error(engine, greedy):
     next(s)
     with pytest.raises(GenerationError, match="unfinished stream"):
         engine.generate(["Hi"], max_new_tokens=2)
+    with pytest.raises(GenerationError, match="unfinished stream"):  # a capture would replace the stream's cache
+        engine.capture([engine.encode("Hi")], ["layers.0"])
     s.close()
     p = PROMPTS[0]
     assert engine.generate(input_ids=[engine.encode(p)], max_new_tokens=24)[0] == greedy[p]
@@ -269,6 +271,8 @@ BAD = [
     (dict(prompts=["Hi"], temperature=-1.0), "temperature"),
     (dict(prompts=["Hi"], top_p=0.0, do_sample=True), "top_p"),
     (dict(input_ids=[[1, 2, 10**9]]), "outside the vocabulary"),
+    (dict(input_ids=[1, 2, 3]), r"must be a batch: a list of token-id lists, e.g. \[\[1, 2, 3\]\]"),
+    (dict(input_ids=[["Hi"]]), r"outside the vocabulary .*\['Hi'\]"),
 ]
 
 

@@ -114,7 +114,7 @@ def test_capture_matches_reference(tiny, arch):
         assert diff <= 1e-4, f"{arch} {name}: max abs {diff:.2e}"
     assert (logits - ref_logits).abs().max().item() <= 1e-4
     # only the requested tensors become extra outputs of the capture graph
-    session = ort._capture[1]
+    session = ort._capture_cache[1]
     extra = [o.name for o in session.get_outputs()][1 + 2 * ort.config.num_layers:]
     assert extra == [n for n in names if n != "lm_head"]
 
@@ -241,6 +241,7 @@ def test_zoo_model(zoo_engines):
 # ------------------------------------------------------------------------------ quantized checkpoints
 QUANTIZED = {  # name -> quantize() arguments
     "int8_wo": dict(fmt="int8_wo"),
+    "int8_wo+lm_head": dict(fmt="int8_wo", lm_head=True),  # the graph's float dtype is not lm_head's
     "int4_wo": dict(fmt="int4_wo"),
     "int4_awq+kv_int8": dict(fmt="int4_awq", kv_cache="int8"),
     "int8_sq": dict(fmt="int8_sq"),
@@ -283,7 +284,7 @@ def test_quantized_engine_matches_its_reference(quantized, name):
     until one such flip), so there the bar is half the format's own error against the float model."""
     ckpt, ort, ref = quantized(name)
     diff = prefill_and_decode([ort, ref], vocab=49152)
-    if name in ("int8_wo", "int4_wo", "int4_awq+kv_int8", "fp8"):
+    if name in ("int8_wo", "int8_wo+lm_head", "int4_wo", "int4_awq+kv_int8", "fp8"):
         assert diff <= 1e-3, f"{name}: max abs logit difference {diff:.2e}"
     else:
         float_ref = quantized("float")
@@ -338,6 +339,9 @@ def test_float16_engine(tiny, tmp_path):
     assert diff <= 5e-3, f"max abs logit difference {diff:.2e}"
     with pytest.raises(ValueError, match="no bfloat16 kernels.*dtype='float32'"):
         nbtrt.build(ckpt, tmp_path / "bf16", backend="onnxruntime", dtype="bfloat16", **LIMITS)
+    with pytest.raises(ValueError, match=r"dtype='fp16' is not one of \['bfloat16', 'float16', 'float32'\]"):
+        nbtrt.build(ckpt, tmp_path / "typo", backend="onnxruntime", dtype="fp16", **LIMITS)
+    assert not (tmp_path / "typo").exists()
     assert not (tmp_path / "bf16").exists()
 
 

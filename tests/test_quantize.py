@@ -253,13 +253,17 @@ def test_awq_never_worse_than_rtn_on_its_objective(tiny, quantized):
     assert improved > 0  # the search found something better than alpha = 0 somewhere
 
 
-@pytest.mark.parametrize("kv", ["int8", "fp8"])
-def test_kv_cache_scales_from_calibrated_amax(tiny, tmp_path, kv):
+@pytest.mark.parametrize("fmt,kv", [("int8_wo", "int8"), ("int8_wo", "fp8"), ("int8_sq", "int8")])
+def test_kv_cache_scales_from_calibrated_amax(tiny, tmp_path, fmt, kv):
+    """The KV scales cover the keys and values the quantized model writes: with SmoothQuant, V's
+    channels are divided by the smoothing scales, so its maxima are those of the smoothed model."""
     _, ckpt, cal = tiny["Qwen2ForCausalLM"]
-    out = nq.quantize(ckpt, tmp_path / "kv", "int8_wo", cal, kv_cache=kv)
+    out = nq.quantize(ckpt, tmp_path / "kv", fmt, cal, kv_cache=kv)
     cfg, t = load_checkpoint(out)
     assert cfg.quantization["kv_cache"] == kv
     model = load_decoder(ckpt)
+    if fmt == "int8_sq":
+        smoothquant.smooth(model, cal.inputs, nq.DEFAULT_ALPHA, set(cfg.quantization["layers"]))
     ids = calib.windows(calib.tokenizer_for(ckpt), "kjv", "calib", N, T)
     names = [f"layers.{i}.attn.{x}_quant" for i in range(cfg.num_layers) for x in "kv"]
     amax = dict.fromkeys(names, 0.0)
@@ -270,7 +274,7 @@ def test_kv_cache_scales_from_calibrated_amax(tiny, tmp_path, kv):
             amax = {n: max(amax[n], got[n].abs().max().item()) for n in names}
     top = {"int8": 127.0, "fp8": 448.0}[kv]
     for n in names:
-        assert t[f"{n}.scale"].item() == pytest.approx(amax[n] / top, rel=1e-5)
+        assert t[f"{n}.scale"].item() == pytest.approx(amax[n] / top, rel=1e-5), n
     logits = load_decoder(out)(ids[:1, :16])
     assert torch.isfinite(logits).all()
 

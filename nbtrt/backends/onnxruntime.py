@@ -22,6 +22,7 @@ import torch
 from ..engine import Engine, register_backend
 from ..export import MODEL_FILE, export_onnx, input_names, output_names, with_outputs
 from ..generate import GenerationError
+from ..model import TORCH_DTYPES
 
 BUILD_OPTIONS = {"dtype": None}  # export precision; None keeps the checkpoint's
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -33,9 +34,13 @@ def positions_from_mask(attention_mask: torch.Tensor, new_tokens: int) -> torch.
 
 
 def check_build_options(backend: str, options: dict, known: dict) -> dict:
+    """The build options with their defaults filled in; unknown names and dtypes are refused up front,
+    before the checkpoint is read."""
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"backend {backend!r} has no build options {unknown}; it takes {sorted(known)}")
+    if options.get("dtype") not in (None, *TORCH_DTYPES):
+        raise ValueError(f"dtype={options['dtype']!r} is not one of {sorted(TORCH_DTYPES)}")
     return {**known, **options}
 
 
@@ -70,8 +75,10 @@ class OnnxRuntimeEngine(Engine):
     @classmethod
     def _build_files(cls, ckpt_dir, out, cfg, limits, options):
         options = check_build_options(cls.backend, options, BUILD_OPTIONS)
-        if (options["dtype"] or cfg.dtype) == "bfloat16" and not _has_cuda_provider():
-            raise ValueError("ONNX Runtime's CPU provider has no bfloat16 kernels; build this engine with "
+        if (options["dtype"] or cfg.dtype) == "bfloat16":
+            # numpy, through which this engine feeds the KV cache and reads logits, has no bfloat16
+            raise ValueError("ONNX Runtime's CPU provider has no bfloat16 kernels and this engine exchanges "
+                             "its KV cache and logits as numpy arrays, which have no bfloat16; build it with "
                              "dtype='float32' or 'float16' (or use backend='torch')")
         export_into(ckpt_dir, out, cfg, options["dtype"])
         return options
@@ -107,7 +114,7 @@ class OnnxRuntimeEngine(Engine):
         self.output_names = output_names(self.config)
         self._past: list = []
         self._past_len = 0
-        self._capture = None  # (names, session) of the last capture graph
+        self._capture_cache = None  # (names, session) of the last capture graph
         self._batch = 0
 
     def _keep_qdq_unfused(self, accuracy_level: int) -> bool:
@@ -189,12 +196,8 @@ class OnnxRuntimeEngine(Engine):
     def _numpy(self, value) -> np.ndarray:
         return value.numpy() if self.io_binding else value
 
-    def capture(self, input_ids, names):
-        prompts = [list(p) for p in input_ids]
-        self.check_request(prompts, 1)
-        if len({len(p) for p in prompts}) != 1:
-            raise GenerationError("capture needs prompts of equal length (no padding)")
-        session, tensors = self._capture_session(list(names))
+    def _capture(self, prompts, names):
+        session, tensors = self._capture_session(names)
         wanted = list(dict.fromkeys([*self.output_names, *tensors.values()]))
         ids = torch.tensor(prompts)
         self.begin(len(prompts))
@@ -208,8 +211,8 @@ class OnnxRuntimeEngine(Engine):
         from ..export import module_outputs
 
         table = module_outputs(self.engine_dir / MODEL_FILE)
-        if self._capture is None or self._capture[0] != names:
-            self._capture = None
+        if self._capture_cache is None or self._capture_cache[0] != names:
+            self._capture_cache = None
             tmp = Path(tempfile.mkdtemp(prefix="nbtrt-capture-"))
             try:
                 path = with_outputs(self.engine_dir / MODEL_FILE, names, tmp)
@@ -218,5 +221,5 @@ class OnnxRuntimeEngine(Engine):
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             weakref.finalize(session, shutil.rmtree, tmp, True)
-            self._capture = (names, session)
-        return self._capture[1], {n: table[n] for n in names}
+            self._capture_cache = (names, session)
+        return self._capture_cache[1], {n: table[n] for n in names}

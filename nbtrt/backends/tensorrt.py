@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import write_atomic
 from ..engine import Engine, register_backend
 from ..export import MODEL_FILE, input_names, module_outputs, output_names
 from ..generate import GenerationError
@@ -150,11 +151,7 @@ class TensorRTEngine(Engine):
         self.stream.synchronize()
         return outs
 
-    def capture(self, input_ids, names):
-        prompts = [list(p) for p in input_ids]
-        self.check_request(prompts, 1)
-        if len({len(p) for p in prompts}) != 1:
-            raise GenerationError("capture needs prompts of equal length (no padding)")
+    def _capture(self, prompts, names):
         table = module_outputs(self.engine_dir / MODEL_FILE)
         missing = [n for n in names if table.get(n) not in (*self.marked, "logits")]
         if missing:
@@ -220,7 +217,7 @@ def build_plan(onnx_path: Path, plan_path: Path, cfg, limits, options: dict, tim
         raise RuntimeError("TensorRT could not build the engine; see the TensorRT log above "
                            "(a larger workspace_gib or smaller limits may help)")
     plan_path.write_bytes(bytes(plan))
-    timing_cache.write_bytes(bytes(cache.serialize()))  # the next build starts from these timings
+    write_atomic(timing_cache, bytes(cache.serialize()))  # shared by builds: never half-written
 
 
 def optimization_profiles(cfg, limits) -> list[dict[str, tuple]]:

@@ -48,7 +48,8 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
 # A quantized checkpoint (layout: nbtrt.quantize.formats) loads into reference QuantLinear modules
 # that dequantize on every call. The classes below take the same stored tensors and lay them out for
 # PyTorch's own kernels; on-the-fly quantization of float weights (``quant=``) goes through the
-# same quantizers and the same classes, so both paths compute one thing.
+# same quantizers and the same classes. One difference: ``quant=`` takes every linear, lm_head
+# included, where nbtrt.quantize keeps lm_head in high precision unless asked.
 @torch.library.custom_op("nbtrt::int8_weight_mm", mutates_args=())
 def _int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """[M, in] x int8 [out, in] * scale[out], on the dequantized weight (cuBLAS); opaque to Inductor."""
@@ -239,9 +240,9 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_linears(model: nn.Module, fmt: str) -> dict:
-    """Quantize every ``nn.Linear`` of ``model`` in place with nbtrt.quantize's round-to-nearest
-    quantizers (no calibration: activation scales per token) and swap in the kernel-backed module
-    under the same name, so capture and the debugger see the same tree.
+    """Quantize every ``nn.Linear`` of ``model`` in place, lm_head included, with nbtrt.quantize's
+    round-to-nearest quantizers (no calibration: activation scales per token) and swap in the
+    kernel-backed module under the same name, so capture and the debugger see the same tree.
 
     >>> report = quantize_linears(model, "int8_wo")  # doctest: +SKIP
     """
@@ -449,7 +450,9 @@ class TorchEngine(Engine):
     @classmethod
     def from_decoder(cls, model: Decoder, *, max_batch_size: int = 1, max_input_len: int | None = None,
                      max_seq_len: int = 2048, generation_config: dict | None = None, **options) -> "TorchEngine":
-        """An engine around an in-memory decoder (no engine directory): benchmarks, tests, the lab."""
+        """An engine around an in-memory decoder (no engine directory): benchmarks, tests, the lab.
+        The engine takes the decoder over: ``device``, ``dtype`` and ``quant`` change it in place
+        (pass ``copy.deepcopy(model)`` to keep the original, e.g. as a debugger reference)."""
         limits = EngineLimits(max_batch_size, max_input_len or max_seq_len, max_seq_len)
         manifest = {"backend": cls.backend, "decoder": model.cfg.to_dict(), "limits": limits.__dict__,
                     "options": {}}
@@ -564,13 +567,9 @@ class TorchEngine(Engine):
         return st.logits.clone()
 
     @torch.inference_mode()
-    def capture(self, input_ids, names):
+    def _capture(self, prompts, names):
         from ..model import capture_outputs
 
-        prompts = [list(p) for p in input_ids]
-        self.check_request(prompts, 1)
-        if len({len(p) for p in prompts}) != 1:
-            raise GenerationError("capture needs prompts of equal length (no padding)")
         ids = torch.tensor(prompts, device=self.device)
         with capture_outputs(self.model, names) as captured:
             logits = self.model(ids)

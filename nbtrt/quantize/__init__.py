@@ -132,8 +132,11 @@ def quantize(ckpt: str | Path, out: str | Path, fmt: str | None, calib: str | li
             if static_input:
                 x_max = cal.inputs[name].chan_max / smoothed.get(name, 1.0)
                 new[f"{name}.input_scale"] = (x_max.max() / INPUT_RANGE[FORMATS[fmt].activation]).clamp(min=EPS)
-    for name, amax in (cal.kv_amax.items() if kv_cache else ()):
-        new[f"{name}.scale"] = torch.tensor(max(amax / KV_FORMATS[kv_cache], EPS))
+    for name, chan_amax in (cal.kv_amax.items() if kv_cache else ()):
+        s_v = smoothed.get(name.replace(".v_quant", ".o")) if name.endswith(".v_quant") else None
+        if s_v is not None:  # smoothing divided V's channels by s_v (folded into qkv's V rows)
+            chan_amax = chan_amax / s_v.view(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0]
+        new[f"{name}.scale"] = torch.tensor(max(float(chan_amax.max()) / KV_FORMATS[kv_cache], EPS))
 
     state = model.state_dict()
     dtype = TORCH_DTYPES[cfg.dtype]

@@ -174,7 +174,8 @@ class Calibration:
     """What one calibration pass measured; reusable for every format of one checkpoint.
 
     ``inputs`` maps each linear's name to the statistics of its input (gate and up share one
-    object); ``kv_amax`` maps ``layers.{i}.attn.k_quant`` / ``v_quant`` to the largest |k| / |v|.
+    object); ``kv_amax`` maps ``layers.{i}.attn.k_quant`` / ``v_quant`` to the largest |k| / |v| per
+    channel ([kv_heads, head_dim]: SmoothQuant rescales V's channels, and with them their maxima).
     """
 
     source: str
@@ -184,7 +185,7 @@ class Calibration:
     seed: int
     checkpoint_sha256: str
     inputs: dict[str, InputStats]
-    kv_amax: dict[str, float]
+    kv_amax: dict[str, torch.Tensor]
 
     def outliers(self, top: int = 5) -> list[dict]:
         """The linears whose input has the most extreme channels (max / median of per-channel max |x|).
@@ -212,7 +213,7 @@ def _check_finite(t: torch.Tensor, where: str, sample: int) -> None:
 
 
 def collect(model: torch.nn.Module, batches: torch.Tensor, sample_tokens: int = DEFAULT_SAMPLE_TOKENS,
-            seed: int = 0, desc: str = "calibrating") -> tuple[dict[str, InputStats], dict[str, float]]:
+            seed: int = 0, desc: str = "calibrating") -> tuple[dict[str, InputStats], dict[str, torch.Tensor]]:
     """Run ``batches`` [N, T] through ``model`` one window at a time and record input statistics of
     every linear and the amax of keys and values entering the cache (forward hooks)."""
     modules = dict(model.named_modules())
@@ -227,7 +228,7 @@ def collect(model: torch.nn.Module, batches: torch.Tensor, sample_tokens: int = 
     gen = torch.Generator().manual_seed(seed)
     state = {"window": 0, "rows": None}
     stats: dict[str, InputStats] = {}
-    kv_amax: dict[str, float] = {}
+    kv_amax: dict[str, torch.Tensor] = {}
 
     def on_input(name):
         def hook(_m, args):
@@ -246,7 +247,8 @@ def collect(model: torch.nn.Module, batches: torch.Tensor, sample_tokens: int = 
     def on_kv(name):
         def hook(_m, _args, out):
             _check_finite(out, name, state["window"])
-            kv_amax[name] = max(kv_amax.get(name, 0.0), float(out.detach().abs().max()))
+            chan = out.detach().float().abs().amax(dim=(0, 2))  # [B, heads, T, head_dim] -> [heads, head_dim]
+            kv_amax[name] = torch.maximum(kv_amax[name], chan) if name in kv_amax else chan
         return hook
 
     handles = [modules[n].register_forward_pre_hook(on_input(n)) for n in names if owner[n] == n]

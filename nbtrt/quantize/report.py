@@ -14,7 +14,6 @@ All models run in float32 on the CPU: a format's effect is the rounding of what 
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._io import write_json
 from ..checkpoint import WEIGHTS
 from ..config import load_checkpoint_config
 from ..model import load_decoder
@@ -121,7 +121,7 @@ class QuantReport:
         data = {"evaluation": self.evaluation, "rows": self.rows, "layer_error": self.layer_error,
                 "sensitivity": {k: asdict(v) for k, v in self.sensitivity.items()}}
         if path is not None:
-            Path(path).write_text(json.dumps(data, indent=2) + "\n")
+            write_json(path, data)
         return data
 
 
