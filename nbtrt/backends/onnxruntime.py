@@ -141,8 +141,12 @@ class OnnxRuntimeEngine(Engine):
             if "NOT_IMPLEMENTED" in first:
                 raise RuntimeError(f"ONNX Runtime's {self.provider} cannot run {path}: {first}; rebuild the "
                                    "engine with a precision it has kernels for (dtype='float32')") from None
-            raise RuntimeError(f"ONNX Runtime cannot load {path}: {first}; the file is corrupted or "
-                               "incomplete: rebuild the engine") from None
+            if "INVALID_PROTOBUF" in first or "INVALID_GRAPH" in first or "Protobuf parsing failed" in first:
+                raise RuntimeError(f"ONNX Runtime cannot load {path}: {first}; the file is corrupted or "
+                                   "incomplete: rebuild the engine") from None
+            # memory, a missing CUDA library, a provider that fails to start: the file may be fine
+            raise RuntimeError(f"ONNX Runtime's {self.provider} could not create a session for {path}: {first} "
+                               f"(if the engine files were changed, nbtrt.load(..., verify=True) checks them)") from None
 
     # ------------------------------------------------------------------ engine API
     def begin(self, batch_size: int) -> None:
