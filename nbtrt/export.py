@@ -270,17 +270,13 @@ def _float_stand_ins(model: Decoder, quantized: dict[str, nn.Module]):
             linear.bias = nn.Parameter(module.bias.to(dtype), requires_grad=False)
         return linear
 
-    def put(name, module):
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, module)
-
     for name, module in quantized.items():
-        put(name, stand_in(module))
+        model.set_submodule(name, stand_in(module))
     try:
         yield model
     finally:
         for name, module in quantized.items():
-            put(name, module)
+            model.set_submodule(name, module)
 
 
 def _quantize_graph(graph, cfg: DecoderConfig, quantized: dict[str, nn.Module], dtype: torch.dtype) -> None:

@@ -234,11 +234,6 @@ def quant_unavailable(fmt: str, device: torch.device | str, dtype: torch.dtype) 
     return None
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def quantize_linears(model: nn.Module, fmt: str) -> dict:
     """Quantize every ``nn.Linear`` of ``model`` in place, lm_head included, with nbtrt.quantize's
     round-to-nearest quantizers (no calibration: activation scales per token) and swap in the
@@ -257,7 +252,7 @@ def quantize_linears(model: nn.Module, fmt: str) -> dict:
         if fast is None:
             kept.append(name)
             continue
-        _swap(model, name, fast)
+        model.set_submodule(name, fast)
         done.append(name)
     return {"format": fmt, "quantized": len(done), "kept": kept}
 
@@ -273,7 +268,7 @@ def accelerate_quantized(model: nn.Module, dtype: torch.dtype) -> dict:
         if fast is None:
             kept.append(name)
             continue
-        _swap(model, name, fast)
+        model.set_submodule(name, fast)
         done.append(name)
     return {"format": "checkpoint", "quantized": len(done), "kept": kept}
 

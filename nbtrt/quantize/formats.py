@@ -281,11 +281,6 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def prepare_model(model: nn.Module, cfg: DecoderConfig) -> nn.Module:
     """Swap ``nn.Linear`` children named in ``cfg.quantization["layers"]`` for empty :class:`QuantLinear`
     (and the KV hook points for :class:`KVQuant`), on the model's device, ready for ``load_state_dict``.
@@ -299,7 +294,7 @@ def prepare_model(model: nn.Module, cfg: DecoderConfig) -> nn.Module:
                                 f"{LAYOUT_VERSION}; re-quantize it with this nbtrt")
     for name in q.get("layers", []):
         old = model.get_submodule(name)
-        _set_module(model, name, QuantLinear(old.in_features, old.out_features, old.bias is not None, q["format"],
+        model.set_submodule(name, QuantLinear(old.in_features, old.out_features, old.bias is not None, q["format"],
                                              q.get("group_size") or 0, q.get("activation_scheme") or "per_token",
                                              device=old.weight.device))
     if q.get("kv_cache"):
