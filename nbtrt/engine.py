@@ -140,9 +140,15 @@ class Engine:
         return int(pad)
 
     def sampling(self, **overrides) -> SamplingParams:
+        """The model's generation_config.json with ``overrides`` on top (unknown names are an error).
+
+        >>> engine.sampling(temperature=0.7, max_new_tokens=64)  # doctest: +SKIP
+        """
         return SamplingParams.from_generation_config(self.generation_config, **overrides)
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """Refuse, with a :class:`GenerationError` that names the limit, a request this engine
+        cannot serve: batch, prompt length, token ids outside the vocabulary, max_new_tokens."""
         lim = self.limits
         if not prompts:
             raise GenerationError("no prompts given")
@@ -163,6 +169,10 @@ class Engine:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
     def encode(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` with the engine's own tokenizer (special tokens as the model adds them).
+
+        >>> engine.encode("Hello")  # doctest: +SKIP
+        """
         if not isinstance(prompt, str):
             raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
         if not prompt:

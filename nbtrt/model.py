@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -276,7 +276,8 @@ class Decoder(nn.Module):
 
 
 @contextlib.contextmanager
-def capture_outputs(model: nn.Module, names: list[str], transform=None) -> Iterator[dict[str, torch.Tensor]]:
+def capture_outputs(model: nn.Module, names: list[str],
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Collect the outputs of the named submodules while the block runs (forward hooks).
 
     Each output is passed through ``transform`` (default: detach, float32, to CPU) as it
@@ -314,6 +315,10 @@ def load_decoder(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype
 
 def decoder_from_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor],
                          device: str | torch.device = "cpu", dtype: str | None = None) -> Decoder:
+    """A :class:`Decoder` holding ``tensors`` (checkpoint names), built without a first random init.
+
+    >>> model = decoder_from_tensors(*load_checkpoint("work/ckpt"), dtype="float32")  # doctest: +SKIP
+    """
     with torch.device("meta"):
         model = Decoder(cfg)
     if cfg.tie_embeddings:

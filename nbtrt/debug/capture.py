@@ -15,13 +15,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Union
 
 import torch
 from torch import nn
 
 from ..config import DecoderConfig
 from ..mapping import QKV_PARTS, Architecture, architecture_for
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 # Tensor kinds in execution order within the model; q/k/v are opt-in (finer, more to capture).
 KINDS = ("embed", "attn_norm", "q", "k", "v", "attn", "mlp", "block", "final_norm", "logits")
@@ -274,7 +277,14 @@ def _precision(dtype: torch.dtype | None, cfg: DecoderConfig) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else cfg.dtype
 
 
-def as_source(obj, *, label: str | None = None) -> Source:
+#: What the debugger compares: a zoo name, a HF / checkpoint / engine directory, a HF model, an
+#: nbtrt Decoder, an Engine, or a Source already made.
+SourceLike = Union[str, Path, nn.Module, "Engine", "Source"]
+#: Token ids: one prompt or a batch of equal-length prompts.
+TokenIds = Union[list[int], list[list[int]], torch.Tensor]
+
+
+def as_source(obj: SourceLike, *, label: str | None = None) -> Source:
     """Wrap a reference or candidate: an Engine, an nbtrt Decoder or checkpoint dir, an engine dir,
     a HF model object, a HF directory or a zoo name.
 

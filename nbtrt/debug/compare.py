@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .capture import KIND_LABELS, Probe, Source, as_source, probes
+from .capture import KIND_LABELS, Probe, Source, SourceLike, TokenIds, as_source, probes
 
 
 @dataclass
@@ -260,7 +260,7 @@ def _token_text(tok, ids: list[int]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ compare
-def compare(reference, candidate, text: str | None = None, *, input_ids=None,
+def compare(reference: SourceLike, candidate: SourceLike, text: str | None = None, *, input_ids: TokenIds | None = None,
             layers: Iterable[int] | None = None, kinds: Iterable[str] | None = None,
             names: Iterable[str] | None = None, positions: Iterable[int] | None = None,
             threshold: float | str | None = None, metric: str = "rel_l2", k: int = 5,
@@ -330,8 +330,8 @@ class Bisection:
                 f"blocks executed: {runs} (a full pass is {self.num_layers})>")
 
 
-def bisect(reference, candidate, text: str | None = None, *, input_ids=None, threshold: float | str | None = None,
-           metric: str = "rel_l2", kinds: Iterable[str] | None = None) -> Bisection:
+def bisect(reference: SourceLike, candidate: SourceLike, text: str | None = None, *, input_ids: TokenIds | None = None,
+           threshold: float | str | None = None, metric: str = "rel_l2", kinds: Iterable[str] | None = None) -> Bisection:
     """Find the first divergence by bisecting over layers: each candidate run captures only the
     tensors of one probe (what matters where marking outputs breaks engine fusions) and, for
     torch models, stops right after them. The reference's block outputs are cached, so it runs

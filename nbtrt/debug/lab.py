@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,10 @@ from ..config import DecoderConfig
 from ..mapping import architecture_for
 from ..model import Decoder, decoder_from_tensors
 from ..plots import Table
+from .capture import SourceLike
+
+if TYPE_CHECKING:
+    from .compare import Report
 
 Tensors = dict[str, torch.Tensor]
 
@@ -188,7 +192,7 @@ def applicable(model) -> list[Bug]:
     return [b for b in BUGS.values() if b.applies(cfg)]
 
 
-def inject(model, bug: str | Bug) -> Decoder:
+def inject(model: str | Path | Decoder | tuple[DecoderConfig, dict[str, torch.Tensor]], bug: str | Bug) -> Decoder:
     """A new decoder for ``model`` (checkpoint dir, Decoder or (config, tensors)) with one bug in it.
     ``model`` itself is not changed."""
     bug = _bug(bug)
@@ -229,7 +233,8 @@ def save(ckpt: str | Path, bug: str | Bug, out: str | Path, *, overwrite: bool =
     return Path(out)
 
 
-def run(reference, model, bug: str | Bug, text: str | None = None, **compare_kw):
+def run(reference: SourceLike, model: str | Path | Decoder, bug: str | Bug, text: str | None = None,
+        **compare_kw) -> Report:
     """Compare ``reference`` (HF) with ``model`` carrying ``bug``: a :class:`Report` labelled by the bug."""
     from .compare import compare
 
@@ -237,7 +242,7 @@ def run(reference, model, bug: str | Bug, text: str | None = None, **compare_kw)
     return compare(reference, inject(model, bug), text, label=bug.name, **compare_kw)
 
 
-def check(reference, model, text: str | None = None, **compare_kw) -> Table:
+def check(reference: SourceLike, model: str | Path | Decoder, text: str | None = None, **compare_kw) -> Table:
     """Inject every applicable bug in turn (and none): did the finder name the right tensor?
 
     >>> lab.check(hf_model, "work/ckpt", input_ids=[[1, 2, 3, 4]])  # doctest: +SKIP
