@@ -483,16 +483,15 @@ def module_outputs(onnx_path: str | Path) -> dict[str, str]:
     return json.loads(meta.get(MODULE_OUTPUTS_KEY, "{}"))
 
 
-def with_outputs(onnx_path: str | Path, names: list[str], out_dir: str | Path) -> Path:
-    """A copy of the graph that also outputs the named module tensors (weights shared by link).
+def with_outputs(onnx_path: str | Path, names: list[str]):
+    """The graph of ``onnx_path`` (an ``onnx.ModelProto``, weights left in the external data file
+    beside it) that also outputs the named module tensors. Nothing is written: ONNX Runtime runs
+    it from memory, reading the weights from ``onnx_path``'s folder.
 
-    >>> with_outputs("work/engine/model.onnx", ["layers.0.attn"], "/tmp/capture")  # doctest: +SKIP
+    >>> proto = with_outputs("work/engine/model.onnx", ["layers.0.attn"])  # doctest: +SKIP
     """
     import onnx
 
-    from ._io import link_or_copy
-
-    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     model = onnx.load(str(onnx_path), load_external_data=False)
     table = json.loads({p.key: p.value for p in model.metadata_props}.get(MODULE_OUTPUTS_KEY, "{}"))
     unknown = [n for n in names if n not in table]
@@ -504,8 +503,4 @@ def with_outputs(onnx_path: str | Path, names: list[str], out_dir: str | Path) -
         if table[name] not in existing:
             model.graph.output.append(typed.get(table[name]) or onnx.ValueInfoProto(name=table[name]))
             existing.add(table[name])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out_dir / MODEL_FILE))
-    if (onnx_path.parent / DATA_FILE).is_file():
-        link_or_copy(onnx_path.parent / DATA_FILE, out_dir / DATA_FILE)
-    return out_dir / MODEL_FILE
+    return model

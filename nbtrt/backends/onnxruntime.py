@@ -11,9 +11,6 @@ benchmarks/cpu_build.py); it is what keeps the cache on the GPU under the CUDA p
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +93,10 @@ class OnnxRuntimeEngine(Engine):
         super().__init__(engine_dir, manifest)
         import onnxruntime as ort
 
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.options.intra_op_num_threads = threads
-        self.options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        self.session_config = {"session.qdq_matmulnbits_accuracy_level": str(accuracy_level)}
         if self._keep_qdq_unfused(accuracy_level):
-            self.options.add_session_config_entry("session.disable_quant_qdq", "1")
+            self.session_config["session.disable_quant_qdq"] = "1"
+        self.threads = threads
         available = ort.get_available_providers()
         self.provider = provider or ("CUDAExecutionProvider" if _has_cuda_provider() else "CPUExecutionProvider")
         if self.provider not in available:
@@ -131,11 +126,21 @@ class OnnxRuntimeEngine(Engine):
         weights = FORMATS[q["format"]].weight if q.get("format") else None
         return "fp8" in (weights, q.get("kv_cache")) or (weights == "int8" and accuracy_level == 1)
 
-    def _session(self, path: Path):
+    def _session(self, path: Path, graph: bytes | None = None):
+        """A session for ``path``, or for ``graph`` (a serialized variant of it) whose external
+        weights are read from ``path``'s folder."""
         import onnxruntime as ort
 
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        config = dict(self.session_config)
+        if graph is not None:
+            config["session.model_external_initializers_file_folder_path"] = str(path.parent)
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
         try:
-            return ort.InferenceSession(str(path), self.options, providers=[self.provider])
+            return ort.InferenceSession(graph if graph is not None else str(path), options, providers=[self.provider])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types; name the file and the remedy
             first = str(e).splitlines()[0][:300]
             if "NOT_IMPLEMENTED" in first:
@@ -217,13 +222,7 @@ class OnnxRuntimeEngine(Engine):
         table = module_outputs(self.engine_dir / MODEL_FILE)
         if self._capture_cache is None or self._capture_cache[0] != names:
             self._capture_cache = None
-            tmp = Path(tempfile.mkdtemp(prefix="nbtrt-capture-"))
-            try:
-                path = with_outputs(self.engine_dir / MODEL_FILE, names, tmp)
-                session = self._session(path)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            weakref.finalize(session, shutil.rmtree, tmp, True)
-            self._capture_cache = (names, session)
+            proto = with_outputs(self.engine_dir / MODEL_FILE, names)
+            # run from memory, weights read in place: no copy of a model-sized file per capture
+            self._capture_cache = (names, self._session(self.engine_dir / MODEL_FILE, proto.SerializeToString()))
         return self._capture_cache[1], {n: table[n] for n in names}
