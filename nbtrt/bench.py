@@ -35,15 +35,15 @@ import torch
 from .generate import GenerationState, SamplingParams, generate_tokens
 
 
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # the precision labels of results
+
+
 # ------------------------------------------------------------------------------ statistics
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
+    """The q-th percentile (0..100), linear interpolation between closest ranks (numpy's)."""
     if not values:
         raise ValueError("percentile of no values")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(np.percentile(values, q))
 
 
 def summarize(values: list[float]) -> dict:
@@ -141,8 +141,8 @@ def engine_runner(engine, name: str | None = None, precision: str | None = None)
                     state.finished[b] = True
         return [len(t) for t in state.tokens]
 
-    prec = precision or getattr(engine, "quant", None) or {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
-        str(getattr(engine, "dtype", engine.config.dtype)).replace("torch.", ""), engine.config.dtype)
+    dtype = str(getattr(engine, "dtype", engine.config.dtype)).replace("torch.", "")
+    prec = precision or getattr(engine, "quant", None) or SHORT_DTYPE.get(dtype, dtype)
     label = name or f"nbtrt-{engine.backend}" + ("-compiled" if getattr(engine, "compiled", False) else "")
     return Runner(label, prec, str(engine.device), engine.limits.max_batch_size, run,
                   info={"compile_seconds": getattr(engine, "compile_seconds", None)})
@@ -194,7 +194,7 @@ def hf_runner(model, compile: bool = False, max_batch_size: int = 64, pad_token_
         steps = out.shape[1] - width
         return [min(n, steps) for n in lengths]
 
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
+    dtype = SHORT_DTYPE[str(next(model.parameters()).dtype).replace("torch.", "")]
     why = ("transformers recompiles its static-cache graph for every new batch shape, and a request mix "
            "has a new one per batch; measured on fixed shapes") if compile else None
     return Runner("hf-compile" if compile else "hf-eager", dtype, str(device), max_batch_size, run, mixed_skipped=why)
@@ -244,8 +244,6 @@ class _PeakMemory:
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: the process-lifetime peak is the best there is
         import resource
@@ -368,7 +366,7 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
     unknown = sorted(set(names) - set(RUNNERS))
     if unknown:
         raise ValueError(f"unknown runners {unknown}; known: {list(RUNNERS)}")
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    short = SHORT_DTYPE[dtype]
     ckpts: dict[str, Path] = {}
 
     def checkpoint(prec: str) -> Path:  # converted once, quantized once per format

@@ -22,6 +22,7 @@ from .checkpoint import checkpoint_hash
 from .config import DecoderConfig, load_checkpoint_config
 from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_length, exclusive,
                        generate_text, generate_tokens)
+from .model import TORCH_DTYPES
 
 ENGINE_JSON = "engine.json"
 
@@ -97,6 +98,21 @@ class Engine:
 
     def begin(self, batch_size: int) -> None:
         raise NotImplementedError
+
+    def check_batch(self, batch_size: int) -> None:
+        """The backends' own guard in begin(): a batch beyond max_batch_size."""
+        if batch_size > self.limits.max_batch_size:
+            raise GenerationError(f"batch of {batch_size} exceeds this engine's max_batch_size="
+                                  f"{self.limits.max_batch_size}; rebuild with a larger max_batch_size")
+
+    def check_step(self, past: int, new: int) -> None:
+        """The backends' own guard in step(): ``new`` tokens after ``past`` beyond the engine's limits."""
+        if past + new > self.limits.max_seq_len:
+            raise GenerationError(f"sequence would reach {past + new} tokens, beyond this engine's "
+                                  f"max_seq_len={self.limits.max_seq_len}")
+        if past == 0 and new > self.limits.max_input_len:
+            raise GenerationError(f"prompt of {new} tokens exceeds this engine's "
+                                  f"max_input_len={self.limits.max_input_len}")
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Feed [B, T] new tokens; ``attention_mask`` [B, past+T] marks real tokens. Returns last-position logits [B, V]."""
@@ -333,7 +349,7 @@ def add_cli(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true")
     # backend options (as trtllm-build's); each backend rejects the ones it does not take
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="engine precision (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=sorted(TORCH_DTYPES), help="engine precision (default: the checkpoint's)")
     p.add_argument("--builder-opt-level", type=int, default=None, help="TensorRT builder optimization level 0-5")
     p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace memory limit")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file reused across builds")

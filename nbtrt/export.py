@@ -115,7 +115,7 @@ def export_onnx(ckpt_or_model: str | Path | Decoder, out_dir: str | Path, dtype:
     else:
         model = load_decoder(ckpt_or_model, dtype=dtype)
     cfg = model.cfg
-    torch_dtype = model.embed.tok.weight.dtype  # a quantized lm_head has an integer weight
+    torch_dtype = model.float_dtype
     quantized = _quantized_modules(model) if cfg.quantization else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def _quantized_modules(model: Decoder) -> dict[str, nn.Module]:
 @contextlib.contextmanager
 def _float_stand_ins(model: Decoder, quantized: dict[str, nn.Module]):
     """Temporarily put plain nn.Linear (dequantized weight) / nn.Identity where the quantized modules are."""
-    dtype = model.embed.tok.weight.dtype
+    dtype = model.float_dtype
 
     def stand_in(module):
         if not hasattr(module, "dequantized_weight"):
@@ -474,12 +474,14 @@ def engine_summary(engine_dir: str | Path) -> dict[str, list[dict]]:
     return {"files": files, **graph_summary(engine_dir / MODEL_FILE)}
 
 
-def module_outputs(onnx_path: str | Path) -> dict[str, str]:
-    """{module name: tensor name} recorded at export, read without loading the weights."""
+def module_outputs(onnx_model) -> dict[str, str]:
+    """{module name: tensor name} recorded at export, from a graph file (read without its
+    weights) or an already loaded ``onnx.ModelProto``."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
+    if not isinstance(onnx_model, onnx.ModelProto):
+        onnx_model = onnx.load(str(onnx_model), load_external_data=False)
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
     return json.loads(meta.get(MODULE_OUTPUTS_KEY, "{}"))
 
 
@@ -493,7 +495,7 @@ def with_outputs(onnx_path: str | Path, names: list[str]):
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    table = json.loads({p.key: p.value for p in model.metadata_props}.get(MODULE_OUTPUTS_KEY, "{}"))
+    table = module_outputs(model)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise KeyError(f"no captured tensor for {unknown[:3]}; this graph exposes {list(table)[:6]} ...")

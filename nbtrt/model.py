@@ -269,10 +269,20 @@ class Decoder(nn.Module):
         # the diagonal keeps left-padding rows from being all -inf (NaN in softmax)
         return (attention_mask.bool()[:, None, None, :] & allowed) | (key == query)
 
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype activations run in: the embedding table's (lm_head may hold a quantized weight)."""
+        return self.embed.tok.weight.dtype
+
     def _empty_kv(self, batch: int, device) -> torch.Tensor:
         cfg = self.cfg
-        # the embedding table sets the float dtype (lm_head may hold a quantized weight)
-        return torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=self.embed.tok.weight.dtype, device=device)
+        return torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, dtype=self.float_dtype, device=device)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position of every slot of ``attention_mask`` [B, S]: the real tokens up to it, so left
+    padding does not advance positions (what HF computes from the mask)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @contextlib.contextmanager

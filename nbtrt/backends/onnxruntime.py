@@ -11,23 +11,19 @@ benchmarks/cpu_build.py); it is what keeps the cache on the GPU under the CUDA p
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..engine import Engine, register_backend
-from ..export import MODEL_FILE, export_onnx, input_names, output_names, with_outputs
+from ..export import MODEL_FILE, export_onnx, input_names, module_outputs, output_names, with_outputs
 from ..generate import GenerationError
-from ..model import TORCH_DTYPES
+from ..model import TORCH_DTYPES, positions_from_mask
 
 BUILD_OPTIONS = {"dtype": None}  # export precision; None keeps the checkpoint's
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def positions_from_mask(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Position ids of the last ``new_tokens`` slots: left padding does not advance the position."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_tokens:]
 
 
 def check_build_options(backend: str, options: dict, known: dict) -> dict:
@@ -155,9 +151,7 @@ class OnnxRuntimeEngine(Engine):
 
     # ------------------------------------------------------------------ engine API
     def begin(self, batch_size: int) -> None:
-        if batch_size > self.limits.max_batch_size:
-            raise GenerationError(f"batch of {batch_size} exceeds this engine's max_batch_size="
-                                  f"{self.limits.max_batch_size}; rebuild with a larger max_batch_size")
+        self.check_batch(batch_size)
         cfg = self.config
         empty = np.zeros((batch_size, cfg.num_kv_heads, 0, cfg.head_dim), self.kv_dtype)
         self._past = [self._ortvalue(empty) for _ in self.past_names]
@@ -167,12 +161,7 @@ class OnnxRuntimeEngine(Engine):
         B, T = input_ids.shape
         if not self._past or self._batch != B:
             raise GenerationError(f"call begin({B}) before stepping a batch of {B}")
-        if self._past_len + T > self.limits.max_seq_len:
-            raise GenerationError(f"sequence would reach {self._past_len + T} tokens, beyond this engine's "
-                                  f"max_seq_len={self.limits.max_seq_len}")
-        if self._past_len == 0 and T > self.limits.max_input_len:
-            raise GenerationError(f"prompt of {T} tokens exceeds this engine's "
-                                  f"max_input_len={self.limits.max_input_len}")
+        self.check_step(self._past_len, T)
         outs = self._run(self.session, input_ids, attention_mask, self.output_names)
         self._past = outs[1:]
         self._past_len += T
@@ -183,7 +172,7 @@ class OnnxRuntimeEngine(Engine):
         under IO binding, numpy arrays otherwise)."""
         T = input_ids.shape[1]
         feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64),
-                 "position_ids": positions_from_mask(attention_mask, T).cpu().numpy(),
+                 "position_ids": positions_from_mask(attention_mask)[:, -T:].cpu().numpy(),
                  "attention_mask": attention_mask.cpu().numpy().astype(np.int64)}
         if not self.io_binding:
             return session.run(names, {**feeds, **dict(zip(self.past_names, self._past))})
@@ -215,11 +204,14 @@ class OnnxRuntimeEngine(Engine):
         logits = torch.from_numpy(self._numpy(outs["logits"])).float()
         return logits, {n: torch.from_numpy(self._numpy(outs[t])).float() for n, t in tensors.items()}
 
-    def _capture_session(self, names: list[str]):
-        """A session over a copy of the graph with the requested module tensors as extra outputs."""
-        from ..export import module_outputs
+    @functools.cached_property
+    def module_table(self) -> dict[str, str]:
+        """{module name: graph tensor name}, read once from the graph's metadata."""
+        return module_outputs(self.engine_dir / MODEL_FILE)
 
-        table = module_outputs(self.engine_dir / MODEL_FILE)
+    def _capture_session(self, names: list[str]):
+        """A session over a variant of the graph with the requested module tensors as extra outputs."""
+        table = self.module_table
         if self._capture_cache is None or self._capture_cache[0] != names:
             self._capture_cache = None
             proto = with_outputs(self.engine_dir / MODEL_FILE, names)

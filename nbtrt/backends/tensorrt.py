@@ -32,7 +32,8 @@ from .._io import write_atomic
 from ..engine import Engine, register_backend
 from ..export import MODEL_FILE, input_names, module_outputs, output_names
 from ..generate import GenerationError
-from .onnxruntime import check_build_options, export_into, positions_from_mask
+from ..model import positions_from_mask
+from .onnxruntime import OnnxRuntimeEngine, check_build_options, export_into
 
 PLAN_FILE = "model.plan"
 BUILD_OPTIONS = {
@@ -99,6 +100,9 @@ class TensorRTEngine(Engine):
         self.past_names = input_names(self.config)[3:]
         self.output_names = output_names(self.config)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                    trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+        self._dtypes = {n: to_torch[self.engine.get_tensor_dtype(n)] for n in names}  # looked up every step
         self.marked = [n for n in names if n not in self.output_names and
                        self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._dummy = torch.zeros(1, device=self.device)  # a valid address for zero-sized tensors
@@ -106,9 +110,7 @@ class TensorRTEngine(Engine):
         self._past_len = 0
 
     def begin(self, batch_size: int) -> None:
-        if batch_size > self.limits.max_batch_size:
-            raise GenerationError(f"batch of {batch_size} exceeds this engine's max_batch_size="
-                                  f"{self.limits.max_batch_size}; rebuild with a larger max_batch_size")
+        self.check_batch(batch_size)
         cfg = self.config
         dtype = self._torch_dtype(self.past_names[0])
         self._past = [torch.empty(batch_size, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype, device=self.device)
@@ -117,12 +119,7 @@ class TensorRTEngine(Engine):
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
-        if self._past_len + T > self.limits.max_seq_len:
-            raise GenerationError(f"sequence would reach {self._past_len + T} tokens, beyond this engine's "
-                                  f"max_seq_len={self.limits.max_seq_len}")
-        if self._past_len == 0 and T > self.limits.max_input_len:
-            raise GenerationError(f"prompt of {T} tokens exceeds this engine's "
-                                  f"max_input_len={self.limits.max_input_len}")
+        self.check_step(self._past_len, T)
         if self._past_len > 0 and T != 1:
             raise GenerationError("after the prompt, this engine takes one token per step (generation profile)")
         outs = self._run(input_ids, attention_mask, self.output_names)
@@ -133,7 +130,7 @@ class TensorRTEngine(Engine):
     def _run(self, input_ids, attention_mask, names: list[str]) -> dict[str, torch.Tensor]:
         ctx = self.contexts[CONTEXT if self._past_len == 0 else GENERATION]
         T = input_ids.shape[1]
-        feeds = {"input_ids": input_ids, "position_ids": positions_from_mask(attention_mask, T),
+        feeds = {"input_ids": input_ids, "position_ids": positions_from_mask(attention_mask)[:, -T:],
                  "attention_mask": attention_mask, **dict(zip(self.past_names, self._past))}
         with torch.cuda.stream(self.stream):
             for name, t in feeds.items():
@@ -151,8 +148,10 @@ class TensorRTEngine(Engine):
         self.stream.synchronize()
         return outs
 
+    module_table = OnnxRuntimeEngine.module_table  # the same graph metadata, read once
+
     def _capture(self, prompts, names):
-        table = module_outputs(self.engine_dir / MODEL_FILE)
+        table = self.module_table
         missing = [n for n in names if table.get(n) not in (*self.marked, "logits")]
         if missing:
             raise GenerationError(f"{missing[:3]} are not outputs of this plan (TensorRT fixes its outputs at build "
@@ -164,10 +163,7 @@ class TensorRTEngine(Engine):
         return outs["logits"].float().cpu(), {n: outs[table[n]].float().cpu() for n in names}
 
     def _torch_dtype(self, name: str) -> torch.dtype:
-        trt = _trt()
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                 trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
-        return table[self.engine.get_tensor_dtype(name)]
+        return self._dtypes[name]
 
     def _address(self, t: torch.Tensor) -> int:
         return t.data_ptr() if t.numel() else self._dummy.data_ptr()

@@ -24,6 +24,7 @@ import contextlib
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from .._io import link_or_copy
 from ..checkpoint import WEIGHTS
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
-from ..model import TORCH_DTYPES, Decoder, StaticKVCache
+from ..model import TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
 
 DYNAMO_RECOMPILE_LIMIT = 64  # every engine in a process shares the compiled functions' caches
 # renamed from cache_size_limit in recent PyTorch
@@ -244,17 +245,13 @@ def quantize_linears(model: nn.Module, fmt: str) -> dict:
     from ..quantize.formats import quantize_weight
 
     layout = QUANT_FORMATS[fmt][0]
-    done, kept = [], []
-    for name, lin in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
+
+    def kernel_module(lin: nn.Linear) -> nn.Module | None:
         group = next((g for g in INT4_GROUP_SIZES if lin.in_features % g == 0), INT4_GROUP_SIZES[0])
-        tensors = quantize_weight(lin.weight.detach(), layout, group)
-        fast = fast_linear(layout, tensors, lin.bias, group, lin.weight.dtype)
-        if fast is None:
-            kept.append(name)
-            continue
-        model.set_submodule(name, fast)
-        done.append(name)
-    return {"format": fmt, "quantized": len(done), "kept": kept}
+        return fast_linear(layout, quantize_weight(lin.weight.detach(), layout, group), lin.bias, group,
+                           lin.weight.dtype)
+
+    return {"format": fmt, **_swap_in(model, lambda m: type(m) is nn.Linear, kernel_module)}
 
 
 def accelerate_quantized(model: nn.Module, dtype: torch.dtype) -> dict:
@@ -262,15 +259,24 @@ def accelerate_quantized(model: nn.Module, dtype: torch.dtype) -> dict:
     Shapes no kernel takes keep the reference module (correct, slower) and are reported."""
     from ..quantize.formats import QuantLinear
 
-    done, kept = [], []
-    for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
-        fast = fast_linear(q.fmt, dict(q.named_buffers(recurse=False)), q.bias, q.group_size, dtype)
+    return {"format": "checkpoint", **_swap_in(
+        model, lambda m: isinstance(m, QuantLinear),
+        lambda q: fast_linear(q.fmt, dict(q.named_buffers(recurse=False)), q.bias, q.group_size, dtype))}
+
+
+def _swap_in(model: nn.Module, selected: Callable[[nn.Module], bool],
+             kernel_module: Callable[[nn.Module], nn.Module | None]) -> dict:
+    """Replace each selected module by its kernel-backed one, under the same name; those without
+    one (None: no kernel for that shape) stay, and are reported as kept."""
+    done, kept = 0, []
+    for name, module in [(n, m) for n, m in model.named_modules() if selected(m)]:
+        fast = kernel_module(module)
         if fast is None:
             kept.append(name)
-            continue
-        model.set_submodule(name, fast)
-        done.append(name)
-    return {"format": "checkpoint", "quantized": len(done), "kept": kept}
+        else:
+            model.set_submodule(name, fast)
+            done += 1
+    return {"quantized": done, "kept": kept}
 
 
 def decode_weight_bytes(model: nn.Module) -> int:
@@ -309,7 +315,7 @@ def _prelude(model: Decoder, input_ids, attention_mask, cache_position, causal: 
     """What :meth:`Decoder.forward` does before the blocks: embeddings, rotary tables, the mask.
     ``attention_mask`` column j is cache slot j; positions count real tokens up to each slot.
     ``causal`` (no padding, no past): no mask at all; attention runs plain causal."""
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0).index_select(1, cache_position)
+    positions = positions_from_mask(attention_mask).index_select(1, cache_position)
     x = model.embed(input_ids, positions)
     rope = model.rope(positions, x.dtype) if model.rope is not None else None
     return x, rope, None if causal else model.build_mask(attention_mask, cache_position)
@@ -405,7 +411,7 @@ class TorchEngine(Engine):
         else:
             model = model.to(device=self.device, dtype=TORCH_DTYPES[dtype] if dtype else None)
         self.model = model.eval().requires_grad_(False)
-        self.dtype = self.model.embed.tok.weight.dtype
+        self.dtype = self.model.float_dtype
         self.quant = quant if quant is not None else opts.get("quant")
         self.quant_report = None
         if self.config.quantization:
@@ -502,8 +508,7 @@ class TorchEngine(Engine):
         B, T = input_ids.shape
         if B != self.cache.batch_size:
             raise GenerationError(f"step got {B} sequences but begin() was called for {self.cache.batch_size}")
-        if self._past + T > self.limits.max_seq_len:
-            raise GenerationError(f"sequence would reach {self._past + T} tokens, beyond max_seq_len={self.limits.max_seq_len}")
+        self.check_step(self._past, T)
         if attention_mask.shape != (B, self._past + T):
             raise GenerationError(f"attention_mask must be [batch, past + new] = [{B}, {self._past + T}], "
                                   f"got {list(attention_mask.shape)}")
