@@ -25,8 +25,8 @@ import torch
 # Candidates for the GEMV autotuner (rows per program, inputs per step, warps, pipeline depth).
 # Chosen on an H200 by benchmarks/gpu.py's gemv section over the 8B shapes (see the README); a
 # config whose block does not divide the input size is pruned for that shape.
-GEMV_CONFIGS = [(16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3),
-                (8, 512, 4, 3), (16, 512, 8, 2), (32, 64, 4, 4)]
+GEMV_CONFIGS = [(4, 512, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 256, 4, 3),
+                (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 4, 2)]
 
 
 @functools.cache
@@ -75,34 +75,42 @@ def _kernels():
     @triton.jit
     def gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_w, stride_s,
              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        FIELDS: tl.constexpr = 32 // BITS  # values per 32-bit word
-        WORDS: tl.constexpr = BLOCK_K // FIELDS
-        TOP: tl.constexpr = 23 - BITS  # a field moved here sits in the top mantissa bits of 1.0
-        MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
+        PER_WORD: tl.constexpr = 32 // BITS
+        FIELD: tl.constexpr = 23 - BITS  # the field lands in the top mantissa bits of 1.0
+        MASK: tl.constexpr = ((1 << BITS) - 1) << FIELD
+        G: tl.constexpr = BLOCK_K if GROUP == 0 else GROUP  # inputs sharing a scale within a block
+        NG: tl.constexpr = BLOCK_K // G
+        WPG: tl.constexpr = G // PER_WORD
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N
-        words = tl.arange(0, WORDS)
-        fields = tl.arange(0, FIELDS)
-        # rotate right so that field i lands at TOP (never by 0: no shift by 32 below)
-        rot = ((fields * BITS + 32 - TOP) % 32).to(tl.uint32)[None, None, :]
-        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + words[None, :]
-        x_ptrs = x_ptr + words[:, None] * FIELDS + fields[None, :]  # [WORDS, FIELDS]: contiguous
-        out = tl.zeros([BLOCK_N], dtype=tl.float32)
+        groups = tl.arange(0, NG)
+        word = groups[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG] words of one block
+        w_ptrs = w_ptr + rows[:, None, None].to(tl.int64) * stride_w + word[None, :, :]
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            w = tl.load(w_ptrs + k0 // FIELDS, mask=live[:, None], other=0).to(tl.uint32, bitcast=True)
-            x = tl.load(x_ptrs + k0).to(tl.float32)
-            t = w[:, :, None]
-            t = (t >> rot) | (t << (32 - rot))
-            # AND keeps the field, XOR sets 1.0's exponent and flips the field's sign bit
-            f = ((t & MASK) ^ 0x3FC00000).to(tl.float32, bitcast=True)  # 1 + (q + 2^(BITS-1)) / 2^BITS
-            dot = tl.sum(tl.sum(f * x[None, :, :], 2), 1) - 1.5 * tl.sum(tl.sum(x, 1), 0)  # sum(x q) / 2^BITS
+            w = tl.load(w_ptrs + k0 // PER_WORD, mask=live[:, None, None], other=0)
+            xf = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
+            xs = tl.zeros([NG, WPG], dtype=tl.float32)
+            for i in tl.static_range(PER_WORD):
+                xi = tl.load(x_ptr + k0 + word * PER_WORD + i).to(tl.float32)
+                if BITS * i <= FIELD:
+                    t = w << (FIELD - BITS * i)
+                else:
+                    t = w >> (BITS * i - FIELD)
+                # AND keeps the field, XOR sets 1.0's exponent and flips the field's sign bit
+                f = ((t & MASK) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+                xf += f * xi[None, :, :]
+                xs += xi
+            dot = tl.sum(xf, 2) - 1.5 * tl.sum(xs, 1)[None, :]  # [BLOCK_N, NG]: sum(x * q) / 2^BITS
             if GROUP == 0:
-                out += dot
-            else:  # one block is one group
-                out += dot * tl.load(s_ptr + rows * stride_s + k0 // GROUP, mask=live, other=0).to(tl.float32)
+                acc += tl.sum(dot, 1)
+            else:
+                sc = tl.load(s_ptr + rows[:, None] * stride_s + (k0 // GROUP + groups)[None, :],
+                             mask=live[:, None], other=0).to(tl.float32)
+                acc += tl.sum(dot * sc, 1)
         if GROUP == 0:
-            out = out * tl.load(s_ptr + rows, mask=live, other=0).to(tl.float32)
-        tl.store(y_ptr + rows, (out * (1 << BITS)).to(y_ptr.dtype.element_ty), mask=live)
+            acc = acc * tl.load(s_ptr + rows, mask=live, other=0).to(tl.float32)
+        tl.store(y_ptr + rows, (acc * (1 << BITS)).to(y_ptr.dtype.element_ty), mask=live)
 
     @triton.jit
     def dequant(w_ptr, s_ptr, out_ptr, N, KW, stride_s,
@@ -135,20 +143,17 @@ def _kernels():
 
 
 def _block_fits(block_k: int, K: int, group: int) -> bool:
-    """A GEMV block covers whole words and divides K; with groups, it is exactly one group."""
-    return K % block_k == 0 and (block_k == group if group else block_k % 4 == 0)
+    return K % block_k == 0 and (group == 0 or block_k % group == 0)
 
 
-def gemv_block_k(K: int, group: int, candidates=(512, 256, 128, 64, 32, 16, 8, 4)) -> int | None:
-    """The largest GEMV input block that fits K (and the group), or None."""
-    if group:
-        return group if _block_fits(group, K, group) and group % 8 == 0 and group & (group - 1) == 0 else None
+def gemv_block_k(K: int, group: int, candidates=(1024, 512, 256, 128, 64, 32)) -> int | None:
+    """The largest GEMV input block that divides K (and is a multiple of the group), or None."""
     return next((b for b in candidates if _block_fits(b, K, group)), None)
 
 
 def supports(K: int, bits: int, group: int) -> bool:
     """Whether the kernels take a weight with K inputs (whole words, whole groups, a block that fits)."""
-    if bits not in (4, 8) or K % (32 // bits) or (group and K % group):
+    if bits not in (4, 8) or K % (32 // bits) or (group and (K % group or group % (32 // bits))):
         return False
     return gemv_block_k(K, group) is not None
 
