@@ -13,8 +13,6 @@ Sections (``--sections``, default all; each is timed, a failure is recorded and 
   sweep     qwen2.5-0.5b config, batch 1/8/32/64 (prompt 128, 128 new): tokens/s and peak memory vs HF
   mix       qwen2.5-0.5b config, the ShareGPT-like mix (100 requests, seed 0) in static batches of 64
   kernels   each quantized linear vs its dequantized reference on a real 8B shape
-  gemv      batch-1 GEMV of each 8B linear: nbtrt's Triton kernels (autotuned, and a config sweep)
-            vs bf16 and the PyTorch kernels they replaced, weights rotated past the L2
   llama8b   llama-3.1-8b config, bf16 / int8_wo / int4_wo / fp8 / w8a8: decode step time vs the
             bandwidth floor, tokens/s through the generation loop; bf16 prefill of 2048 tokens vs
             the matmul floor
@@ -35,8 +33,6 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # the rehearsal runs nbtrt's Triton kernels in Triton's interpreter,
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be on before anything imports Triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nbtrt import bench as B  # noqa: E402
@@ -381,113 +377,6 @@ def sec_kernels(R, quick):
     R["kernels"] = out
 
 
-# the linears of a Llama-3.1-8B layer (and its lm_head): name -> (out, in)
-LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate|up": (14336, 4096), "down": (4096, 14336),
-                   "lm_head": (128256, 4096)}
-GEMV_SWEEP = [(bn, bk, w, st) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024)
-              for w in (4, 8) for st in (1, 3)]
-GEMV_SWEEP_SECONDS = 200  # the sweep compiles ~100 kernel variants: it stops here and says so
-
-
-def _cold_seconds(fn_for, copies: int) -> float:
-    """Median seconds of one call when each call reads other weights (``copies`` of them, more than
-    the L2 holds), as in a decode step where every layer brings its own. On CUDA the calls run as
-    one graph, as in the decode step: a GEMV of a few microseconds is shorter than a launch from Python."""
-    calls = [fn_for(i) for i in range(copies)]
-    run = lambda: [c() for c in calls]  # noqa: E731
-    run()  # compiles, autotunes
-    if not CUDA:
-        return median_time(run, repeats=3, warmup=0) / copies
-    sync()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return median_time(graph.replay, repeats=5, warmup=2) / copies
-
-
-def sec_gemv(R, quick):
-    """Batch-1 GEMV of every 8B linear shape: nbtrt's Triton kernel (autotuned, and a config sweep)
-    against bf16 (cuBLAS) and the PyTorch kernels it replaces, on weights too big for the L2."""
-    import triton
-
-    from nbtrt import kernels as K
-    from nbtrt.quantize.formats import quantize_weight
-
-    shapes = {"small": (512, 256)} if quick else LLAMA8B_LINEARS
-    sweep_start = time.perf_counter()
-    copy_bw = R.get("ceilings", {}).get("copy_bytes_per_s")
-    out = {}
-    for name, (n, k) in shapes.items():
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
-        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-        copies = 2 if quick else max(2, -(-(512 << 20) // (n * k)))  # >= 512 MB of int8 weights in rotation
-        row = {"out": n, "in": k, "copies": copies}
-        ws = [w] + [w.clone() for _ in range(min(copies, 8) - 1)]
-        row["bf16_s"] = _cold_seconds(lambda i: (lambda: torch.mm(x, ws[i % len(ws)].t())), len(ws))
-        for fmt, bits, group in (("int8_wo", 8, 0), ("int4_wo", 4, 128)):
-            t = quantize_weight(w, fmt, 128)
-            words = t["weight"].contiguous().view(torch.int32)
-            scales = t["weight_scale"].to(torch.bfloat16 if bits == 8 else torch.float16)
-            ref = x.float() @ K.dequantize_words(words, scales, bits, group, torch.float32).t()
-            y = K.gemv(x, words, scales, bits, group)
-            r = {"rel_err": rel_l2(y, ref), "weight_bytes": words.numel() * 4 + scales.numel() * scales.element_size()}
-            ww = [(words.clone(), scales.clone()) for _ in range(copies)]
-            r["autotuned_s"] = _cold_seconds(lambda i: (lambda: K.gemv(x, *ww[i], bits, group)), copies)
-            plain, tuned, _ = K._kernels()
-            r["autotuned_config"] = str(tuned.best_config) if getattr(tuned, "best_config", None) else None
-            if fmt == "int8_wo":  # what it replaces: Inductor's fused dequantize + reduction
-                f = torch.compile(lambda a, q, s: torch.nn.functional.linear(a, q.to(a.dtype)) * s,
-                                  options={"coordinate_descent_tuning": True})
-                q8 = [t["weight"].clone() for _ in range(copies)]
-                r["replaced_s"] = _cold_seconds(lambda i: (lambda: f(x, q8[i], scales)), copies)
-            elif CUDA:  # tinygemm (CUDA only)
-                from nbtrt.quantize.formats import unpack_int4
-                u = unpack_int4(t["weight"]).to(torch.int32) + 8
-                tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
-                sz = torch.stack([t["weight_scale"].float(), torch.zeros_like(t["weight_scale"])], -1)
-                sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-                tl8 = [tiny.clone() for _ in range(copies)]
-                r["replaced_s"] = _cold_seconds(
-                    lambda i: (lambda: torch.ops.aten._weight_int4pack_mm(x, tl8[i], 128, sz)), copies)
-            sweep = []
-            if not quick:
-                for bn, bk, nw, st in GEMV_SWEEP:
-                    if k % bk:
-                        continue
-                    if time.perf_counter() - sweep_start > GEMV_SWEEP_SECONDS:
-                        r["sweep_stopped"] = f"after {GEMV_SWEEP_SECONDS} s"
-                        break
-                    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
-                    grid = (triton.cdiv(n, bn),)
-
-                    def call(i, cfg=cfg, grid=grid):
-                        yy = torch.empty(1, n, device=DEV, dtype=x.dtype)
-                        a, b = ww[i]
-                        return lambda: plain[grid](x, a, b, yy, n, k, a.stride(0), b.stride(0) if group else 0,
-                                                   BITS=bits, GROUP=group, **cfg)
-                    try:
-                        sweep.append([bn, bk, nw, st, _cold_seconds(call, copies)])
-                    except Exception as e:  # a config that does not compile or fit
-                        sweep.append([bn, bk, nw, st, f"{type(e).__name__}"])
-                timed = sorted((s for s in sweep if isinstance(s[-1], float)), key=lambda s: s[-1])
-                r["sweep_best"] = timed[:8]
-                r["sweep_all"] = sweep
-            if copy_bw:
-                for key in ("autotuned_s", "replaced_s"):
-                    if key in r:
-                        r[key.replace("_s", "_tb_s")] = r["weight_bytes"] / r[key] / 1e12
-                r["floor_s"] = r["weight_bytes"] / copy_bw
-            row[fmt] = r
-        if copy_bw:
-            row["bf16_tb_s"] = 2 * n * k / row["bf16_s"] / 1e12
-        out[name] = row
-        del ws
-        free()
-        _save(R)
-    R["gemv"] = out
-
-
 def sec_llama8b(R, quick, formats):
     prompt, new, reps = (32, 16, 2) if quick else (128, 256, 3)
     pre_len = 256 if quick else 2048
@@ -629,15 +518,6 @@ def summary(R) -> str:
         lines.append(f"mix {r['runner']:22} " + (f"{r['tokens_per_s']:9.1f} tok/s {r['requests_per_s']:.2f} req/s "
                      f"latency p50 {r['latency_s']['p50']:.2f} s p95 {r['latency_s']['p95']:.2f} s "
                      f"ttft p50 {r['ttft_s']['p50']:.3f} s" if r["status"] == "ok" else f"skipped: {r['reason']}"))
-    for name, row in R.get("gemv", {}).items():
-        parts = [f"bf16 {1e6 * row['bf16_s']:.0f}us"]
-        for fmt in ("int8_wo", "int4_wo"):
-            r = row.get(fmt)
-            if r:
-                parts.append(f"{fmt} {1e6 * r['autotuned_s']:.0f}us ({r.get('autotuned_tb_s', 0):.2f} TB/s, was "
-                             f"{1e6 * r.get('replaced_s', 0):.0f}us; floor {1e6 * r.get('floor_s', 0):.0f}; err {r['rel_err']:.1e}; "
-                             f"best swept {r.get('sweep_best', [[None]])[0]})")
-        lines.append(f"gemv {name:8} " + "  ".join(parts))
     for fmt, row in R.get("kernels", {}).items():
         lines.append(f"kernel {fmt:8} " + "  ".join(f"{k} {v:.1e}" for k, v in row.items() if isinstance(v, float))
                      + (f" {row.get('skipped', '')}{row.get('error', '')}"))

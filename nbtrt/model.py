@@ -34,8 +34,6 @@ class StaticKVCache(nn.Module):
     The attention mask passed to the decoder covers all ``max_seq_len`` slots.
     """
 
-    grouped_decode = True  # a decode step may read it without GQA expansion (torch runs only)
-
     def __init__(self, cfg: DecoderConfig, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
@@ -160,12 +158,6 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         k, v = kv.update(self.index, self.k_quant(k), self.v_quant(v), cache_position)
         groups = cfg.num_heads // cfg.num_kv_heads
-        if T == 1 and groups > 1 and mask is not None and getattr(kv, "grouped_decode", False):
-            # one new token: the query heads sharing a KV head become query rows over it, so the
-            # cache is read as stored, with no expanded copy (they share one mask row, too)
-            q = q.reshape(B, cfg.num_kv_heads, groups, cfg.head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-            return self.o(out.reshape(B, 1, cfg.q_size))
         if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)

@@ -11,12 +11,6 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("NBTRT_CACHE", str(Path.home() / ".cache" / "nbtrt"))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-# Without a GPU, nbtrt's Triton kernels run in Triton's interpreter (tests/test_kernels.py). It must be
-# on before anything imports Triton, and torch.compile imports it when it is installed.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser):

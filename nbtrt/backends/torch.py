@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
 from .._io import link_or_copy
 from ..checkpoint import WEIGHTS
 from ..engine import Engine, EngineLimits, register_backend
@@ -63,33 +62,21 @@ def _(x, weight, scale):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _use_kernels(device: torch.device, in_features: int, bits: int, group: int, asked: bool | None) -> bool:
-    """nbtrt.kernels by default on CUDA where they take the shape; ``asked`` forces it either way
-    (True on a CPU runs them in Triton's interpreter: the tests)."""
-    if asked is not None:
-        return asked
-    return device.type == "cuda" and kernels.unavailable_reason(device) is None and kernels.supports(in_features, bits, group)
-
-
 class Int8WeightOnlyLinear(nn.Module):
     """int8 weight [out, in] x per-channel scale; activations stay in the model dtype (W8A16).
-    CUDA: nbtrt.kernels (a GEMV that streams the int8 bytes for one row; dequantize + cuBLAS for more).
-    Elsewhere: one row through PyTorch (Inductor fuses the dequantization into the reduction), more
-    rows through cuBLAS / the CPU GEMM on the dequantized weight, kept out of Inductor."""
+    One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. More rows:
+    cuBLAS on the dequantized weight, kept out of Inductor, whose own lowering of an int8-fed
+    matmul with many rows ran 2 s per 128-token prefill of an 8B model on an H200 (measured)."""
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                 use_kernels: bool | None = None):
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight", weight)
         self.register_buffer("scale", weight_scale.to(dtype))
         self.bias = bias
-        self.use_kernels = _use_kernels(weight.device, weight.shape[1], 8, 0, use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.use_kernels:
-            y = torch.ops.nbtrt.weight_only_mm(x2, self.weight.view(torch.int32), self.scale, 8, 0)
-        elif x2.shape[0] == 1:
+        if x2.shape[0] == 1:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
         else:
             y = torch.ops.nbtrt.int8_weight_mm(x2, self.weight, self.scale)
@@ -98,52 +85,45 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """int4 weight (signed, per-group scale, no zero point); AWQ checkpoints also scale the input
-    by ``pre_quant_scale``. CUDA: nbtrt.kernels on the checkpoint's bytes as they are (scales in
-    float16). CPU: PyTorch's tinygemm (``_weight_int4pack_mm_for_cpu``), which computes
-    ``(u - 8) * scale + zero`` with u in [0, 15]: so u = q + 8 and zero = 0."""
+    """int4 weight (signed, per-group scale, no zero point) for tinygemm (``aten._weight_int4pack_mm``),
+    which computes ``(u - 8) * scale + zero`` with u in [0, 15]: so u = q + 8 and zero = 0.
+    AWQ checkpoints also scale the input by ``pre_quant_scale``."""
 
     GROUP_SIZES = (32, 64, 128, 256)
 
     def __init__(self, packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, bias: torch.Tensor | None,
-                 dtype: torch.dtype, pre_quant_scale: torch.Tensor | None = None, use_kernels: bool | None = None):
+                 dtype: torch.dtype, pre_quant_scale: torch.Tensor | None = None):
         super().__init__()
         from ..quantize.formats import unpack_int4
 
         N, K = packed.shape[0], packed.shape[1] * 2
-        self.use_kernels = _use_kernels(packed.device, K, 4, group_size, use_kernels)
-        if self.use_kernels:
-            self.register_buffer("packed", packed.contiguous().view(torch.int32))  # 8 inputs a word
-            self.register_buffer("scales", weight_scale.to(torch.float16))
+        tiles = self.inner_k_tiles(K, N, group_size)
+        u = unpack_int4(packed).to(torch.int32) + 8
+        act = torch.bfloat16 if packed.is_cuda else dtype  # the CUDA kernel takes bf16 activations
+        sz = torch.stack([weight_scale.float(), torch.zeros_like(weight_scale, dtype=torch.float32)], -1)
+        if packed.is_cuda:  # two values per byte, even input index in the high nibble
+            tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), tiles)
         else:
-            u = unpack_int4(packed).to(torch.int32) + 8
-            sz = torch.stack([weight_scale.float(), torch.zeros_like(weight_scale, dtype=torch.float32)], -1)
-            tiles = self.inner_k_tiles(K, N, group_size)
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles))
-            self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(dtype))  # [in / g, out, 2]
+            tiny = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles)
+        self.register_buffer("packed", tiny)
+        self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(act))  # [in / g, out, 2]
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
         self.group_size, self.in_features, self.out_features, self.bias = group_size, K, N, bias
 
     @classmethod
     def inner_k_tiles(cls, in_features: int, out_features: int, group_size: int) -> int | None:
-        """The CPU tinygemm tiling for this shape, or None when the kernel cannot take it."""
+        """The tinygemm tiling for this shape, or None when the kernel cannot take it."""
         if group_size not in cls.GROUP_SIZES or in_features % group_size or out_features % 8:
             return None
         return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
-
-    @classmethod
-    def runs(cls, in_features: int, out_features: int, group_size: int, device: torch.device) -> bool:
-        """Whether a kernel takes this shape on ``device``."""
-        if device.type == "cuda":
-            return _use_kernels(device, in_features, 4, group_size, None)
-        return cls.inner_k_tiles(in_features, out_features, group_size) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernels:
-            y = torch.ops.nbtrt.weight_only_mm(x2, self.packed, self.scales, 4, self.group_size)
+        if self.packed.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, self.group_size,
+                                                   self.scales_and_zeros).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
                                                            self.scales_and_zeros.to(x.dtype))
@@ -220,7 +200,7 @@ def fast_linear(fmt: str, t: dict[str, torch.Tensor], bias: torch.Tensor | None,
     if fmt == "int8_wo":
         return Int8WeightOnlyLinear(t["weight"], t["weight_scale"], bias, dtype)
     if fmt in ("int4_wo", "int4_awq"):
-        if not Int4WeightOnlyLinear.runs(n, out, group_size, t["weight"].device):
+        if Int4WeightOnlyLinear.inner_k_tiles(n, out, group_size) is None:
             return None
         return Int4WeightOnlyLinear(t["weight"], t["weight_scale"], group_size, bias, dtype, t.get("pre_quant_scale"))
     if fmt == "int8_sq":
@@ -233,7 +213,7 @@ def fast_linear(fmt: str, t: dict[str, torch.Tensor], bias: torch.Tensor | None,
 # on-the-fly option -> (checkpoint layout it produces, activation dtypes the CUDA kernel needs)
 QUANT_FORMATS: dict[str, tuple[str, tuple[torch.dtype, ...]]] = {
     "int8_wo": ("int8_wo", ()),
-    "int4_wo": ("int4_wo", ()),
+    "int4_wo": ("int4_wo", (torch.bfloat16,)),
     "fp8": ("fp8", (torch.bfloat16,)),
     "w8a8": ("int8_sq", ()),
 }
@@ -250,8 +230,6 @@ def quant_unavailable(fmt: str, device: torch.device | str, dtype: torch.dtype) 
     needs = QUANT_FORMATS[fmt][1]
     if needs and dtype not in needs:
         return f"{fmt} on CUDA needs {[str(d).replace('torch.', '') for d in needs]} activations; build with dtype='bfloat16'"
-    if fmt == "int4_wo" and kernels.unavailable_reason(device):
-        return f"int4_wo on CUDA runs nbtrt's Triton kernels: {kernels.unavailable_reason(device)}"
     if fmt == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
         return "fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper)"
     return None
@@ -321,8 +299,6 @@ class _LayerKV:
     """One layer's static cache as a block sees it: write the new tokens at their slots, return the
     first ``width`` slots (all when None). The layer index is ignored on purpose: a graph that
     does not depend on it serves every layer."""
-
-    grouped_decode = True  # Attention may read it without GQA expansion
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, width=None):
         self.k, self.v, self.width = k, v, width
