@@ -62,6 +62,17 @@ def _(x, weight, scale):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("nbtrt::realize", mutates_args=())
+def _realize(x: torch.Tensor) -> torch.Tensor:
+    """A copy Inductor cannot see through, so that ``x`` is computed once into memory."""
+    return x.clone()
+
+
+@_realize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """int8 weight [out, in] x per-channel scale; activations stay in the model dtype (W8A16).
     One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. More rows:
@@ -73,10 +84,15 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scale", weight_scale.to(dtype))
         self.bias = bias
+        # Inductor inlines a pointwise producer into the GEMV reduction, recomputed for every output
+        # row: cheap for a norm, not for the MLP's silu(gate) * up in front of mlp.down
+        self.realize_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 1:
+            if self.realize_input:
+                x2 = torch.ops.nbtrt.realize(x2)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
         else:
             y = torch.ops.nbtrt.int8_weight_mm(x2, self.weight, self.scale)
@@ -274,6 +290,8 @@ def _swap_in(model: nn.Module, selected: Callable[[nn.Module], bool],
         if fast is None:
             kept.append(name)
         else:
+            if hasattr(fast, "realize_input"):
+                fast.realize_input = name.endswith("mlp.down")
             model.set_submodule(name, fast)
             done += 1
     return {"quantized": done, "kept": kept}
