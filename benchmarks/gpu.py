@@ -405,17 +405,15 @@ def sec_llama8b(R, quick, formats):
             variants[fmt] = {"skipped": "time budget"}
             continue
         try:
-            # "int8_wo:inline": mlp.down's input left to Inductor; "bf16:sdpa": decode attention by SDPA
-            quant, _, tweak = fmt.partition(":")
-            m = model if quant == "bf16" else shared_copy(model)
-            reason = None if quant == "bf16" else quant_unavailable(quant, DEV, torch.bfloat16)
+            quant, _, tweak = fmt.partition(":")  # "int8_wo:inline": mlp.down's input left to Inductor
+            m = model if fmt == "bf16" else shared_copy(model)
+            reason = None if fmt == "bf16" else quant_unavailable(quant, DEV, torch.bfloat16)
             if reason:
                 variants[fmt] = {"skipped": reason}
                 continue
             t = time.perf_counter()
             eng = TorchEngine.from_decoder(m, max_batch_size=1, max_seq_len=prompt + new, compile=True,
-                                           quant=None if quant == "bf16" else quant, warmup=False)
-            eng.flex_decode = eng.flex_decode and tweak != "sdpa"
+                                           quant=None if fmt == "bf16" else quant, warmup=False)
             if tweak == "inline":
                 for mod in eng.model.modules():
                     if hasattr(mod, "realize_input"):

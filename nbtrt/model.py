@@ -157,10 +157,6 @@ class Attention(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         k, v = kv.update(self.index, self.k_quant(k), self.v_quant(v), cache_position)
-        decode_attention = getattr(kv, "decode_attention", None)  # a runtime's own kernel for one new token
-        if T == 1 and mask is not None and decode_attention is not None:
-            out = decode_attention(q, k, v, mask, self.scale)
-            return self.o(out.transpose(1, 2).reshape(B, T, cfg.q_size))
         groups = cfg.num_heads // cfg.num_kv_heads
         if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
             k = k.repeat_interleave(groups, dim=1)

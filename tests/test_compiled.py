@@ -205,20 +205,3 @@ def test_quantized_checkpoint_runs_on_kernels(tiny, tmp_path, fmt, group, fast):
     engine.begin(1)
     got = engine.step(ids, torch.ones_like(ids))
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
-
-
-def test_flex_decode_attention_matches_sdpa():
-    """The CUDA decode step's attention (FlexAttention, GQA without expansion) computes what the
-    decoder's SDPA path does, padding and all. Eager here; compiled on the GPU (benchmarks/gpu.py)."""
-    from nbtrt.backends.torch import flex_decode_attention
-
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 8, 1, 16, generator=g)
-    k, v = torch.randn(2, 2, 12, 16, generator=g), torch.randn(2, 2, 12, 16, generator=g)
-    keep = torch.ones(2, 12, dtype=torch.bool)
-    keep[1, :5] = False  # left padding in the second sequence
-    keep[:, 10:] = False  # slots not written yet
-    mask = keep[:, None, None, :]
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask, scale=0.25)
-    torch.testing.assert_close(flex_decode_attention(q, k, v, mask, 0.25), want, rtol=1e-5, atol=1e-5)

@@ -313,36 +313,13 @@ def decode_weight_bytes(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------ forward pieces
-def flex_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-    """Attention of one new token per sequence over the whole static cache, through FlexAttention:
-    compiled, it becomes a split-KV decoding kernel that reads each KV head once for its group of
-    query heads, where SDPA needs the heads expanded (copies) and runs one block per head.
-    ``mask`` [B, 1, 1, S] (bool) marks the keys each sequence may see."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    keep = mask[:, 0, 0]
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.where(keep[b, kv_idx], score, -float("inf"))
-
-    return flex_attention(q, k, v, score_mod=score_mod, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def _flex_decode_fits(cfg, device: torch.device) -> bool:
-    """FlexAttention's decoding kernel: CUDA, a power-of-two head size of at least 16."""
-    d = cfg.head_dim
-    return device.type == "cuda" and d >= 16 and d & (d - 1) == 0
-
-
 class _LayerKV:
     """One layer's static cache as a block sees it: write the new tokens at their slots, return the
     first ``width`` slots (all when None). The layer index is ignored on purpose: a graph that
-    does not depend on it serves every layer. ``decode_attention``, when set, replaces SDPA for
-    a one-token step (Attention reads it)."""
+    does not depend on it serves every layer."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, width=None, decode_attention=None):
-        self.k, self.v, self.width, self.decode_attention = k, v, width, decode_attention
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, width=None):
+        self.k, self.v, self.width = k, v, width
 
     def update(self, layer, k, v, cache_position):
         self.k.index_copy_(2, cache_position, k.to(self.k.dtype))
@@ -385,9 +362,8 @@ def _decode_prelude(model, input_ids, attention_mask, cache_position, causal=Fal
     return _prelude(model, input_ids, attention_mask, cache_position, causal)
 
 
-def _decode_block(block, x, rope, mask, k, v, cache_position, flex=False):
-    return block(x, rope, mask, _LayerKV(k, v, decode_attention=flex_decode_attention if flex else None),
-                 cache_position)
+def _decode_block(block, x, rope, mask, k, v, cache_position):
+    return block(x, rope, mask, _LayerKV(k, v), cache_position)
 
 
 def _decode_head(model, x):
@@ -476,8 +452,6 @@ class TorchEngine(Engine):
         self._pool = None
         self._prefill_kinds: set[tuple] = set()  # (batch > 1, causal): the prefill graphs compiled so far
         self.causal_prefill = True  # False: every prefill takes the masked path (for comparison)
-        # compiled CUDA decode: FlexAttention's split-KV kernel (False: SDPA on expanded heads, to compare)
-        self.flex_decode = self.compiled and _flex_decode_fits(self.config, self.device)
         self._quiet = False  # inside warmup(), which shows one line for everything
         self.compile_seconds = 0.0
         eager = (_prelude, _prefill_block, _head)
@@ -524,12 +498,12 @@ class TorchEngine(Engine):
         self.compile_seconds += seconds
         return seconds
 
-    def _run(self, fns, input_ids, attention_mask, cache_position, causal: bool = False, **block_options) -> torch.Tensor:
+    def _run(self, fns, input_ids, attention_mask, cache_position, causal: bool = False) -> torch.Tensor:
         prelude, block, head = fns
         with torch._dynamo.config.patch(**{_LIMIT_KEY: DYNAMO_RECOMPILE_LIMIT}):
             x, rope, mask = prelude(self.model, input_ids, attention_mask, cache_position, causal)
             for layer, (k, v) in zip(self.model.layers, self._kv):
-                x = block(layer, x, rope, mask, k, v, cache_position, **block_options)
+                x = block(layer, x, rope, mask, k, v, cache_position)
             return head(self.model, x)
 
     # ------------------------------------------------------------------ Engine API
@@ -589,7 +563,7 @@ class TorchEngine(Engine):
         st.ids.copy_(input_ids)
         st.mask[:, :W].copy_(attention_mask)
         st.cache_position.fill_(self._past)
-        run = lambda: self._run(self._decode_fns, st.ids, st.mask, st.cache_position, flex=self.flex_decode)  # noqa: E731
+        run = lambda: self._run(self._decode_fns, st.ids, st.mask, st.cache_position)  # noqa: E731
         if self.device.type != "cuda":
             with _compiling(f"torch.compile decode (batch {B})", enabled=new and not self._quiet):
                 return run()
