@@ -205,3 +205,19 @@ def test_quantized_checkpoint_runs_on_kernels(tiny, tmp_path, fmt, group, fast):
     engine.begin(1)
     got = engine.step(ids, torch.ones_like(ids))
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+def test_int8_down_projection_reads_a_realized_input(tiny):
+    """Only mlp.down asks for its input in memory (Inductor would recompute silu(gate) * up for
+    every output row of the GEMV); the copy changes no number."""
+    _, ckpt = tiny
+    model = nbtrt.model.load_decoder(ckpt)
+    quantize_linears(model, "int8_wo")
+    flags = {name: m.realize_input for name, m in model.named_modules() if hasattr(m, "realize_input")}
+    assert flags and all(on == name.endswith("mlp.down") for name, on in flags.items())
+    down = model.layers[0].mlp.down
+    x = torch.randn(1, 1, down.weight.shape[1])
+    with torch.no_grad():
+        realized = down(x)
+        down.realize_input = False
+        torch.testing.assert_close(down(x), realized, rtol=0, atol=0)
