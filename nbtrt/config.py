@@ -17,6 +17,14 @@ ROPE_TYPES = {
 }
 
 
+def check_dtype(dtype: str | None) -> str | None:
+    """``dtype`` when it names a precision nbtrt knows (None: keep the checkpoint's), else a
+    ValueError naming the choices. Every stage that takes a dtype checks it here, up front."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    return dtype
+
+
 @dataclass
 class DecoderConfig:
     """Everything the one nbtrt decoder needs; architectures differ only in these flags.
@@ -59,8 +67,7 @@ class DecoderConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        check_dtype(self.dtype)
         if self.position == "rope":
             if self.rope_theta is None:
                 raise ValueError("rope position embedding needs rope_theta")

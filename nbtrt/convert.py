@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ._io import ArtifactError, atomic_dir, read_json
 from .checkpoint import check_tensors, save_checkpoint
-from .config import DTYPES, DecoderConfig
+from .config import DTYPES, DecoderConfig, check_dtype
 from .mapping import QKV_PARTS, Architecture, Row, architecture_for
 from .model import TORCH_DTYPES
 
@@ -148,8 +148,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", overwri
     >>> sorted(p.name for p in ckpt.iterdir())[:2]  # doctest: +SKIP
     ['config.json', 'rank0.safetensors']
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    check_dtype(dtype)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")

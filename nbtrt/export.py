@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DecoderConfig
+from .config import DecoderConfig, check_dtype
 from .model import ConcatKVCache, Decoder, TORCH_DTYPES, load_decoder
 
 OPSET = 21  # block-wise DequantizeLinear (INT4) and FP8 Q/DQ; below Attention (23), which TensorRT 10 lacks
@@ -108,8 +108,7 @@ def export_onnx(ckpt_or_model: str | Path | Decoder, out_dir: str | Path, dtype:
     from tqdm.auto import tqdm
 
     stages = tqdm(total=4, desc="export: load decoder", unit="stage")
-    if dtype is not None and dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+    check_dtype(dtype)
     if isinstance(ckpt_or_model, Decoder):
         model = ckpt_or_model if dtype is None else copy.deepcopy(ckpt_or_model).to(TORCH_DTYPES[dtype])  # not the caller's
     else:

@@ -20,7 +20,8 @@ import torch
 from ..engine import Engine, register_backend
 from ..export import MODEL_FILE, export_onnx, input_names, module_outputs, output_names, with_outputs
 from ..generate import GenerationError
-from ..model import TORCH_DTYPES, positions_from_mask
+from ..config import check_dtype
+from ..model import positions_from_mask
 
 BUILD_OPTIONS = {"dtype": None}  # export precision; None keeps the checkpoint's
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -32,8 +33,7 @@ def check_build_options(backend: str, options: dict, known: dict) -> dict:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"backend {backend!r} has no build options {unknown}; it takes {sorted(known)}")
-    if options.get("dtype") not in (None, *TORCH_DTYPES):
-        raise ValueError(f"dtype={options['dtype']!r} is not one of {sorted(TORCH_DTYPES)}")
+    check_dtype(options.get("dtype"))
     return {**known, **options}
 
 
