@@ -23,6 +23,7 @@ Weights are random (no download), instantiated directly on the device. JSON goes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -169,6 +170,24 @@ def profile_kernels(fn, calls: int, top: int = 15) -> list[dict]:
     rows.sort(key=lambda r: -r["us_per_call_total"])
     total = sum(r["us_per_call_total"] for r in rows)
     return [{"total_us": total, "kernels": len(rows)}] + rows[:top]
+
+
+@contextlib.contextmanager
+def sdpa_decode(enabled: bool = True):
+    """Engines built inside decode with SDPA on expanded KV heads, as before grouped_decode_attention
+    (variant ``bf16:expand``): the compiled decode block is chosen when the engine is built."""
+    import nbtrt.backends.torch as torch_backend
+
+    def block(layer, x, rope, mask, k, v, cache_position):
+        return layer(x, rope, mask, torch_backend._LayerKV(k, v), cache_position)
+
+    saved = torch_backend._decode_block
+    if enabled:
+        torch_backend._decode_block = block
+    try:
+        yield
+    finally:
+        torch_backend._decode_block = saved
 
 
 # ------------------------------------------------------------------------------ sections
@@ -406,14 +425,15 @@ def sec_llama8b(R, quick, formats):
             continue
         try:
             quant, _, tweak = fmt.partition(":")  # "int8_wo:inline": mlp.down's input left to Inductor
-            m = model if fmt == "bf16" else shared_copy(model)
-            reason = None if fmt == "bf16" else quant_unavailable(quant, DEV, torch.bfloat16)
+            m = model if quant == "bf16" else shared_copy(model)
+            reason = None if quant == "bf16" else quant_unavailable(quant, DEV, torch.bfloat16)
             if reason:
                 variants[fmt] = {"skipped": reason}
                 continue
             t = time.perf_counter()
-            eng = TorchEngine.from_decoder(m, max_batch_size=1, max_seq_len=prompt + new, compile=True,
-                                           quant=None if fmt == "bf16" else quant, warmup=False)
+            with sdpa_decode(tweak == "expand"):
+                eng = TorchEngine.from_decoder(m, max_batch_size=1, max_seq_len=prompt + new, compile=True,
+                                               quant=None if quant == "bf16" else quant, warmup=False)
             if tweak == "inline":
                 for mod in eng.model.modules():
                     if hasattr(mod, "realize_input"):

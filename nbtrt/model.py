@@ -157,12 +157,16 @@ class Attention(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         k, v = kv.update(self.index, self.k_quant(k), self.v_quant(v), cache_position)
-        groups = cfg.num_heads // cfg.num_kv_heads
-        if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        # mask None means plain causal (no padding, no past): fast engines then skip the [T, S] mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        decode_attention = getattr(kv, "decode_attention", None)  # a runtime's own kernel for one new token
+        if T == 1 and mask is not None and decode_attention is not None:
+            out = decode_attention(q, k, v, mask, self.scale)
+        else:
+            groups = cfg.num_heads // cfg.num_kv_heads
+            if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            # mask None means plain causal (no padding, no past): fast engines then skip the [T, S] mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(B, T, cfg.q_size))
 
 

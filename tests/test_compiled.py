@@ -221,3 +221,26 @@ def test_int8_down_projection_reads_a_realized_input(tiny):
         realized = down(x)
         down.realize_input = False
         torch.testing.assert_close(down(x), realized, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_decode_attention_equals_sdpa_on_expanded_heads(dtype, device):
+    """The compiled decode's attention reads each KV head once for its query heads; it must give
+    what SDPA gives on the expanded heads, masked slots (padding, unfilled cache) included."""
+    from nbtrt.backends.torch import grouped_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, S, D = 2, 6, 2, 11, 16
+    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype) for shape in ((B, H, 1, D), (B, KV, S, D), (B, KV, S, D)))
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.4
+    mask[..., 0] = True
+    mask = mask.to(device)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.repeat_interleave(H // KV, 1).float(), v.repeat_interleave(H // KV, 1).float(),
+        attn_mask=mask, scale=0.3)
+    got = grouped_decode_attention(q, k, v, mask, 0.3)
+    assert got.dtype == dtype and got.shape == (B, H, 1, D)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((got.float() - want).norm() / want.norm()).item() <= tol
