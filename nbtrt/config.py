@@ -17,12 +17,11 @@ ROPE_TYPES = {
 }
 
 
-def check_dtype(dtype: str | None) -> str | None:
-    """``dtype`` when it names a precision nbtrt knows (None: keep the checkpoint's), else a
-    ValueError naming the choices. Every stage that takes a dtype checks it here, up front."""
+def check_dtype(dtype: str | None) -> None:
+    """A ValueError naming the choices unless ``dtype`` is a precision nbtrt knows (None: keep the
+    checkpoint's). Every stage that takes a dtype checks it here, up front."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    return dtype
 
 
 @dataclass

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import check_dtype
 from ..engine import Engine, register_backend
 from ..export import MODEL_FILE, export_onnx, input_names, module_outputs, output_names, with_outputs
 from ..generate import GenerationError
-from ..config import check_dtype
 from ..model import positions_from_mask
 
 BUILD_OPTIONS = {"dtype": None}  # export precision; None keeps the checkpoint's

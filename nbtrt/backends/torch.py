@@ -330,14 +330,15 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     float32, as in SDPA. ``q`` [B, H, 1, D], ``k``/``v`` [B, KV, S, D], ``mask`` [B, 1, 1, S] (bool, True: seen)."""
     B, H, _, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    qg, kt = q.reshape(B * KV, H // KV, D), k.reshape(B * KV, S, D).transpose(1, 2)
+    G = H // KV  # query heads per KV head
+    qg, kt = q.reshape(B * KV, G, D), k.reshape(B * KV, S, D).transpose(1, 2)
     if q.is_cuda:  # cuBLAS accumulates in float32 and can hand that back
         scores = torch.bmm(qg, kt, out_dtype=torch.float32)
     else:
         scores = torch.bmm(qg.float(), kt.float())
-    scores = scores.view(B, KV, H // KV, S) * scale
+    scores = scores.view(B, KV, G, S) * scale
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-    return torch.bmm(probs.view(B * KV, H // KV, S), v.reshape(B * KV, S, D)).view(B, H, 1, D)
+    return torch.bmm(probs.view(B * KV, G, S), v.reshape(B * KV, S, D)).view(B, H, 1, D)
 
 
 class _LayerKV:
