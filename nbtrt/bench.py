@@ -540,10 +540,12 @@ def add_cli(sub) -> None:
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # committed results (a source checkout)
 
 
-def latest(prefix: str = "gpu_", directory: str | Path = RESULTS) -> tuple[Path, dict] | None:
+def latest(prefix: str = "gpu_nvidia", directory: str | Path = RESULTS) -> tuple[Path, dict] | None:
     """The newest committed result whose file name starts with ``prefix`` (names end in the date).
+    The default: the last full ``benchmarks/gpu.py`` run (``gpu_<device>_<date>.json``; other
+    ``gpu_*`` files hold focused experiments).
 
-    >>> path, gpu = latest("gpu_")  # doctest: +SKIP
+    >>> path, gpu = latest("gpu_nvidia")  # doctest: +SKIP
     """
     import json
 

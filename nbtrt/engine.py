@@ -95,6 +95,9 @@ class Engine:
         raise NotImplementedError
 
     device: torch.device = torch.device("cpu")
+    # True where step() returns once its work is queued on the device (CUDA streams): the
+    # generation loop then queues the next step before it waits for this step's tokens
+    queues_steps: bool = False
 
     def begin(self, batch_size: int) -> None:
         raise NotImplementedError

@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -237,14 +237,29 @@ def generate_tokens(
         state.cancelled = cancel is not None and cancel.is_set()
         return state.cancelled
 
+    def feed(token: torch.Tensor) -> torch.Tensor:
+        nonlocal history, mask
+        if history is not None:
+            history = torch.cat([history, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return engine.step(token[:, None], mask)
+
     if cancelled():
         return
     engine.begin(B)
     logits = engine.step(ids, mask)
     for i in range(params.max_new_tokens):
         token = next_tokens(logits, params, generator, history)
+        last = i + 1 == params.max_new_tokens
+        # On a device that queues work, the next step goes in before this step's tokens come back:
+        # the device then runs it while the host hands these tokens out, instead of waiting for the
+        # host between steps. If every sequence stops here, that step's result is dropped.
+        ahead = engine.queues_steps and not last and not cancelled()
+        if ahead:
+            tokens = _copy_to_host(token)
+            logits = feed(token)
         out: list[int | None] = []
-        for b, t in enumerate(token.tolist()):
+        for b, t in enumerate(tokens() if ahead else token.tolist()):
             if state.finished[b]:
                 out.append(None)
                 continue
@@ -253,12 +268,29 @@ def generate_tokens(
             state.finished[b] = t in stop
         state.stats.record(sum(t is not None for t in out))
         yield out
-        if all(state.finished) or i + 1 == params.max_new_tokens or cancelled():
+        if all(state.finished) or last or cancelled():
             return
-        if history is not None:
-            history = torch.cat([history, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = engine.step(token[:, None], mask)
+        if not ahead:
+            logits = feed(token)
+
+
+def _copy_to_host(token: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying ``token`` to the host ahead of work queued after it; the returned call waits
+    for the copy alone (``tolist()`` would wait for everything queued before it)."""
+    if not token.is_cuda:
+        values = token.tolist()
+        return lambda: values
+    stream = torch.cuda.current_stream(token.device)  # where the copy runs: the source's stream
+    host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+    host.copy_(token, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(stream)
+
+    def wait() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
 
 
 class Detokenizer:

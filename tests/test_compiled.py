@@ -181,6 +181,26 @@ def test_cuda_graph_engine_matches_hf_bf16(tiny):
     assert ((ours - full.double()).norm() / full.double().norm()).item() <= 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generation_queued_ahead_equals_step_by_step(tiny):
+    """On CUDA the loop queues each next step before it copies this step's tokens back."""
+    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(tiny[1], device="cuda", dtype="bfloat16"),
+                                      max_batch_size=2, max_seq_len=32)
+    assert engine.queues_steps
+    prompts, *_ = _batch()
+    for params in (SamplingParams(max_new_tokens=20),
+                   SamplingParams(max_new_tokens=20, do_sample=True, top_k=0, seed=3)):
+        got = {}
+        for ahead in (True, False):
+            engine.queues_steps = ahead
+            state = GenerationState(prompts)
+            for _ in generate_tokens(engine, prompts, params, state=state):
+                pass
+            got[ahead] = state.tokens
+        assert got[True] == got[False] and len(got[True][0]) == 20
+
+
 @pytest.mark.parametrize("fmt,group,fast", [("int8_wo", 128, 10), ("int4_wo", 32, 10), ("int4_wo", 128, 0)])
 def test_quantized_checkpoint_runs_on_kernels(tiny, tmp_path, fmt, group, fast):
     """A checkpoint from nbtrt.quantize loads into kernel-backed modules that compute what its

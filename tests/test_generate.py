@@ -286,3 +286,34 @@ def test_bad_input_gives_clear_errors_and_leaves_engine_usable(engine, greedy):
         engine.generate(["Hi"], temprature=0.5)
     p = PROMPTS[1]
     assert engine.generate(input_ids=[engine.encode(p)], max_new_tokens=24)[0] == greedy[p]
+
+
+# ---------------------------------------------------------------------------- queueing the next step
+def test_steps_queued_ahead_give_the_same_tokens_and_one_dropped_step_at_a_stop(engine, greedy, monkeypatch):
+    """Where step() only queues work (CUDA), the loop queues step i+1 before it reads step i's
+    tokens. Forced on here, where each step runs at once: the same tokens under every rule, and
+    a sequence that stops costs exactly one more (dropped) step."""
+    ids = engine.encode(PROMPTS[1])
+    out = greedy[PROMPTS[1]]
+    eos = out[5]
+    stops_at = out.index(eos)
+    cases = [dict(input_ids=[ids], max_new_tokens=24, stop_token_ids=[eos]),
+             dict(prompts=PROMPTS, max_new_tokens=16, temperature=1.0, top_k=0, seed=5, repetition_penalty=1.2),
+             dict(prompts=PROMPTS[:2], max_new_tokens=16, stop_strings=[engine.tokenizer.decode(out[3:5])])]
+    steps, real_step = [], engine.step
+
+    def counted_step(input_ids, attention_mask):
+        steps.append(input_ids.shape[1])
+        return real_step(input_ids, attention_mask)
+
+    monkeypatch.setattr(engine, "step", counted_step)
+    got, decode_steps = {}, {}
+    for ahead in (False, True):
+        monkeypatch.setattr(engine, "queues_steps", ahead)
+        got[ahead] = [engine.generate(**case) for case in cases]
+        steps.clear()
+        engine.generate(input_ids=[ids], max_new_tokens=24, stop_token_ids=[eos])
+        decode_steps[ahead] = steps.count(1)
+    assert got[True] == got[False]
+    assert got[True][0][0] == out[:stops_at + 1]
+    assert decode_steps == {False: stops_at, True: stops_at + 1}

@@ -449,6 +449,7 @@ class TorchEngine(Engine):
         super().__init__(engine_dir, manifest)
         opts = manifest.get("options", {})
         self.device = _pick_device(device)
+        self.queues_steps = self.device.type == "cuda"
         dtype = dtype or opts.get("dtype")
         if model is None:
             from ..model import load_decoder
@@ -485,10 +486,12 @@ class TorchEngine(Engine):
         eager = (_prelude, _prefill_block, _head)
         self._prefill_fns = self._decode_fns = eager
         if self.compiled:
-            self._prefill_fns = tuple(torch.compile(f, dynamic=True, fullgraph=True)
-                                      for f in (_prefill_prelude, _prefill_block, _prefill_head))
-            # M=1 matmuls become fused reductions (with any dequantization inlined) only with this on
+            # M=1 matmuls become fused reductions (with any dequantization inlined) only with this on;
+            # the prefill head is one row per sequence too
             options = {"coordinate_descent_tuning": True} if self.device.type == "cuda" else {}
+            self._prefill_fns = (torch.compile(_prefill_prelude, dynamic=True, fullgraph=True),
+                                 torch.compile(_prefill_block, dynamic=True, fullgraph=True),
+                                 torch.compile(_prefill_head, dynamic=True, fullgraph=True, options=options))
             self._decode_fns = tuple(torch.compile(f, dynamic=None, fullgraph=True, options=options)
                                      for f in (_decode_prelude, _decode_block, _decode_head))
             if warmup:
