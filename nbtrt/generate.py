@@ -255,11 +255,11 @@ def generate_tokens(
         # the device then runs it while the host hands these tokens out, instead of waiting for the
         # host between steps. If every sequence stops here, that step's result is dropped.
         ahead = engine.queues_steps and not last and not cancelled()
+        tokens = _copy_to_host(token)
         if ahead:
-            tokens = _copy_to_host(token)
             logits = feed(token)
         out: list[int | None] = []
-        for b, t in enumerate(tokens() if ahead else token.tolist()):
+        for b, t in enumerate(tokens()):
             if state.finished[b]:
                 out.append(None)
                 continue
@@ -276,7 +276,8 @@ def generate_tokens(
 
 def _copy_to_host(token: torch.Tensor) -> Callable[[], list[int]]:
     """Start copying ``token`` to the host ahead of work queued after it; the returned call waits
-    for the copy alone (``tolist()`` would wait for everything queued before it)."""
+    for the copy alone (``tolist()`` would wait for everything queued before it). Off CUDA the
+    values are read at once."""
     if not token.is_cuda:
         values = token.tolist()
         return lambda: values
