@@ -11,7 +11,8 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
 - quantized linears (INT8 / INT4 weight-only, FP8, W8A8; from an nbtrt.quantize checkpoint or
   quantized at load) replace ``nn.Linear`` in place and run through PyTorch's own kernels
   (tinygemm, ``_scaled_mm``, ``_int_mm``); for the batch-1 decode GEMV Inductor fuses the INT8
-  dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm`` with M=1 into one).
+  dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm`` with M=1 into one),
+  and weight-only prefills dequantize inside the graph, then call cuBLAS.
 
 Inductor's on-disk cache (FX graph cache) makes a reload compile in seconds. Capture (the
 debugger) runs the same modules eagerly through forward hooks.
@@ -21,6 +22,7 @@ debugger) runs the same modules eagerly through forward hooks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,17 +54,6 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
 # PyTorch's own kernels; on-the-fly quantization of float weights (``quant=``) goes through the
 # same quantizers and the same classes. One difference: ``quant=`` takes every linear, lm_head
 # included, where nbtrt.quantize keeps lm_head in high precision unless asked.
-@torch.library.custom_op("nbtrt::int8_weight_mm", mutates_args=())
-def _int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[M, in] x int8 [out, in] * scale[out], on the dequantized weight (cuBLAS); opaque to Inductor."""
-    return torch.mm(x, weight.to(x.dtype).t()) * scale
-
-
-@_int8_weight_mm.register_fake
-def _(x, weight, scale):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
 @torch.library.custom_op("nbtrt::realize", mutates_args=())
 def _realize(x: torch.Tensor) -> torch.Tensor:
     """A copy Inductor cannot see through, so that ``x`` is computed once into memory."""
@@ -76,9 +67,10 @@ def _(x):
 
 class Int8WeightOnlyLinear(nn.Module):
     """int8 weight [out, in] x per-channel scale; activations stay in the model dtype (W8A16).
-    One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. More rows:
-    cuBLAS on the dequantized weight, kept out of Inductor, whose own lowering of an int8-fed
-    matmul with many rows ran 2 s per 128-token prefill of an 8B model on an H200 (measured)."""
+    One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. More rows
+    (prefill, batched decode): the weight is dequantized and scaled in one fused pass, then one
+    cuBLAS matmul. Written as ``linear(x, w) * scale``, the many-row product was lowered by Inductor
+    to a kernel that ran 2 s per 128-token prefill of an 8B model on an H200 (measured)."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -94,15 +86,64 @@ class Int8WeightOnlyLinear(nn.Module):
                 x2 = torch.ops.nbtrt.realize(x2)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
         else:
-            y = torch.ops.nbtrt.int8_weight_mm(x2, self.weight, self.scale)
+            y = F.linear(x2, self.weight.to(x.dtype) * self.scale[:, None])
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+def _pack_for_tinygemm(u: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """uint values in [0, 15], [out, in] on CUDA -> tinygemm's packed int32 tiles (the kernel takes
+    two values per byte, the even input index in the high nibble)."""
+    return torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), inner_k_tiles)
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 words -> their 8 nibbles (lowest first) in a new last dimension."""
+    return (words.unsqueeze(-1) >> torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)) & 0xF
+
+
+@functools.cache
+def tinygemm_tile_order(inner_k_tiles: int, device: str) -> torch.Tensor | None:
+    """For each weight of one tinygemm tile (8 outputs x ``inner_k_tiles * 16`` inputs, row-major),
+    the index of the nibble that holds it among ``_nibbles(packed)``; None when the packing is not
+    tiled that way (prefills then stay on tinygemm).
+
+    ``_convert_weight_to_int4pack``'s layout is not documented, so it is read off the kernel itself:
+    probe tiles whose values spell out each weight's position, 4 bits at a time, are packed and
+    their nibbles read back. A random matrix of two by two tiles then checks the result."""
+    rows, cols = 8, inner_k_tiles * 16
+    position = torch.arange(rows * cols, device=device).view(rows, cols)
+    held = torch.zeros(rows * cols, dtype=torch.long, device=device)  # nibble -> the position it holds
+    for digit in range((int(rows * cols - 1).bit_length() + 3) // 4):
+        packed = _pack_for_tinygemm((position >> 4 * digit) & 0xF, inner_k_tiles)
+        if packed.numel() * 8 != rows * cols:
+            return None
+        held |= _nibbles(packed).reshape(-1).long() << 4 * digit
+    if not torch.equal(held.sort().values, position.view(-1)):
+        return None
+    order = held.argsort()  # the inverse permutation: position -> nibble
+    u = torch.randint(0, 16, (2 * rows, 2 * cols), device=device, dtype=torch.int32)
+    if not torch.equal(_unpack_tinygemm(_pack_for_tinygemm(u, inner_k_tiles), order, *u.shape), u):
+        return None
+    return order
+
+
+def _unpack_tinygemm(packed: torch.Tensor, order: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """tinygemm's packed tiles -> the int32 values [out, in] in [0, 15] (see :func:`tinygemm_tile_order`)."""
+    cols = order.numel() // 8
+    tiles = _nibbles(packed).reshape(out_features // 8, in_features // cols, -1)[..., order]
+    return tiles.view(out_features // 8, in_features // cols, 8, cols).transpose(1, 2).reshape(out_features, in_features)
 
 
 class Int4WeightOnlyLinear(nn.Module):
     """int4 weight (signed, per-group scale, no zero point) for tinygemm (``aten._weight_int4pack_mm``),
     which computes ``(u - 8) * scale + zero`` with u in [0, 15]: so u = q + 8 and zero = 0.
-    AWQ checkpoints also scale the input by ``pre_quant_scale``."""
+    AWQ checkpoints also scale the input by ``pre_quant_scale``.
+
+    tinygemm's time grows with the rows it multiplies (an 8B model's linears: 6.9 ms for one row,
+    65 ms for 128, 959 ms for 2048 on an H100). So on CUDA a prefill (more than one token per
+    sequence) dequantizes the weight to bf16 and runs one cuBLAS matmul; decode, at any batch
+    size, stays on tinygemm."""
 
     GROUP_SIZES = (32, 64, 128, 256)
 
@@ -116,13 +157,16 @@ class Int4WeightOnlyLinear(nn.Module):
         u = unpack_int4(packed).to(torch.int32) + 8
         act = torch.bfloat16 if packed.is_cuda else dtype  # the CUDA kernel takes bf16 activations
         sz = torch.stack([weight_scale.float(), torch.zeros_like(weight_scale, dtype=torch.float32)], -1)
-        if packed.is_cuda:  # two values per byte, even input index in the high nibble
-            tiny = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), tiles)
+        if packed.is_cuda:
+            tiny = _pack_for_tinygemm(u, tiles)
+            order = tinygemm_tile_order(tiles, str(packed.device))
         else:
             tiny = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles)
+            order = None
         self.register_buffer("packed", tiny)
         self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(act))  # [in / g, out, 2]
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
+        self.register_buffer("tile_order", order, persistent=False)
         self.group_size, self.in_features, self.out_features, self.bias = group_size, K, N, bias
 
     @classmethod
@@ -132,12 +176,24 @@ class Int4WeightOnlyLinear(nn.Module):
             return None
         return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
 
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] in bf16, as tinygemm computes it (CUDA only).
+
+        >>> torch.testing.assert_close(x @ lin.dequantize().t(), lin(x))  # doctest: +SKIP
+        """
+        N, K, g = self.out_features, self.in_features, self.group_size
+        u = _unpack_tinygemm(self.packed, self.tile_order, N, K).view(N, K // g, g)
+        scale, zero = self.scales_and_zeros.transpose(0, 1).unsqueeze(2).unbind(-1)  # [out, in / g, 1] each
+        return ((u - 8).to(scale.dtype) * scale + zero).view(N, K)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         x2 = x.reshape(-1, self.in_features)
-        if self.packed.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, self.group_size,
+        if self.packed.is_cuda and self.tile_order is not None and x.dim() == 3 and x.shape[1] > 1:
+            y = F.linear(x2.to(torch.bfloat16), self.dequantize()).to(x.dtype)
+        elif self.packed.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
                                                    self.scales_and_zeros).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
