@@ -11,7 +11,8 @@ token (what a streaming client needs), warm-up first, then repeats. Per runner a
 - ``requests_per_s`` requests / wall time (median over repeats)
 - ``peak_memory_bytes``  CUDA allocator peak on GPU; peak resident set size on CPU
 
-A runner that cannot run here is listed with ``status: "skipped"`` and the reason.
+A runner that cannot run here is listed with ``status: "skipped"`` and the reason; one whose
+build or load raised, with ``status: "failed"`` and the error.
 
 >>> result = bench("smollm2-135m-instruct", runners=["hf-eager", "nbtrt-torch"],
 ...                workloads=[fixed(batch=1, input_len=32, output_len=16)])  # doctest: +SKIP
@@ -124,6 +125,7 @@ class Runner:
     max_batch_size: int
     run: Callable[[list[list[int]], list[int], Callable[[], None]], list[int]] | None = None
     skipped: str | None = None  # the reason this runner cannot run here
+    failed: str | None = None  # the error its build or load raised
     mixed_skipped: str | None = None  # the reason it does not run request mixes (varying shapes)
     info: dict = field(default_factory=dict)
 
@@ -260,8 +262,8 @@ def _sync(device: str) -> None:
 def measure(runner: Runner, workload: Workload, vocab_size: int, warmup: int = 1) -> dict:
     """Run ``workload`` on ``runner``: warm-up, then ``workload.repeats`` timed passes."""
     base = {"runner": runner.name, "precision": runner.precision, "workload": workload.name, "device": runner.device}
-    if runner.skipped:
-        return {**base, "status": "skipped", "reason": runner.skipped}
+    if runner.skipped or runner.failed:
+        return {**base, "status": "skipped" if runner.skipped else "failed", "reason": runner.skipped or runner.failed}
     if runner.mixed_skipped and len(set(workload.lengths)) > 1:
         return {**base, "status": "skipped", "reason": runner.mixed_skipped}
     prompts = workload.prompts(vocab_size)
@@ -327,7 +329,7 @@ def machine() -> dict:
 
 def run_all(runners: list[Runner], workloads: list[Workload], vocab_size: int, *, model: str = "",
             warmup: int = 1, progress: bool = True) -> dict:
-    """Measure every runner on every workload; skipped runners are kept with their reason."""
+    """Measure every runner on every workload; skipped and failed runners are kept with their reason."""
     from tqdm.auto import tqdm
 
     results = []
@@ -351,7 +353,7 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
     from the converted checkpoint in ``dtype`` and from each quantized checkpoint in ``precisions``
     (``nbtrt.quantize`` formats, e.g. "int8_wo", "int4_wo"), for the runners in ``quantized_runners``
     (default: every nbtrt runner). Unavailable ones come back skipped, and so do those in ``skip``
-    (runner -> the reason it is not run)."""
+    (runner -> the reason it is not run); one whose build or load raises comes back failed."""
     from transformers import AutoModelForCausalLM
 
     from . import build, convert, load
@@ -405,7 +407,7 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
                              overwrite=True, **opts)
                 engine = load(edir, **({"device": device} if backend == "torch" else {}))
             except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. a format this backend lacks
-                runners.append(skipped(name, prec, f"{type(e).__name__}: {e}"))
+                runners.append(Runner(name, prec, "-", 0, failed=f"{type(e).__name__}: {e}"))
                 continue
             runners.append(engine_runner(engine, name=name, precision=prec))
     return runners
@@ -476,7 +478,7 @@ def table(result: dict) -> str:
              f"{'p50 s':>7} {'p95 s':>7} {'MiB':>7} {'x HF':>6}"]
     for r in rows(result):
         if r["status"] != "ok":
-            lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:38} skipped: {r['reason']}")
+            lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:38} {r['status']}: {r['reason']}")
             continue
         f = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:38} {r['tokens_per_s']:9.1f} "
@@ -488,8 +490,8 @@ def table(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     """A markdown table of :func:`rows`, one line per runner and precision, one column per
-    workload: tokens/s and the speedup over HF eager on that workload. Skipped runners are listed
-    underneath with their reasons. The README's performance tables are made of it."""
+    workload: tokens/s and the speedup over HF eager on that workload. Skipped and failed runners
+    are listed underneath with their reasons. The README's performance tables are made of it."""
     table_rows = rows(result)
     workloads = list(dict.fromkeys(r["workload"] for r in table_rows))
     cells: dict[tuple[str, str], dict[str, str]] = {}
@@ -501,9 +503,9 @@ def markdown(result: dict) -> str:
     lines = ["| runner | precision | " + " | ".join(workloads) + " |", "|---|---|" + "---|" * len(workloads)]
     lines += [f"| {name} | {prec} | " + " | ".join(c.get(w, "-") for w in workloads) + " |"
               for (name, prec), c in cells.items()]
-    reasons = sorted({(r["runner"], r["reason"]) for r in table_rows if r["status"] != "ok"})
+    reasons = sorted({(r["status"], r["runner"], r["reason"]) for r in table_rows if r["status"] != "ok"})
     if reasons:
-        lines += [""] + [f"Skipped: `{name}`: {reason}" for name, reason in reasons]
+        lines += [""] + [f"{status.capitalize()}: `{name}`: {reason}" for status, name, reason in reasons]
     return "\n".join(lines)
 
 

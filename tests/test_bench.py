@@ -121,3 +121,19 @@ def test_cli_bench_writes_json(tiny_src, tmp_path, capsys):
 def test_unknown_runner_is_an_error(tiny_src, tmp_path):
     with pytest.raises(ValueError, match="unknown runners"):
         B.make_runners(tiny_src, ["vllm"], work_dir=tmp_path)
+
+
+def test_a_build_that_raises_is_reported_failed_not_skipped(tiny_src, tmp_path):
+    """An engine that cannot be built with the given limits is a failure, listed with its error;
+    a backend that is not installed here stays a skip."""
+    runners = B.make_runners(tiny_src, ["nbtrt-torch", "nbtrt-tensorrt"], device="cpu", work_dir=tmp_path,
+                             max_input_len=64, max_seq_len=32)
+    results = [B.measure(r, B.fixed(1, 4, 2), vocab_size=64) for r in runners]
+    by = {r["runner"]: r for r in results}
+    assert by["nbtrt-torch"]["status"] == "failed"
+    assert by["nbtrt-torch"]["reason"].startswith("ValueError: max_input_len (64) must not exceed max_seq_len (32)")
+    assert by["nbtrt-tensorrt"]["status"] == "skipped"
+    text = B.table({"results": results})
+    assert "failed: ValueError" in text and "skipped: " in text
+    md = B.markdown({"results": results})
+    assert "Failed: `nbtrt-torch`: ValueError" in md and "Skipped: `nbtrt-tensorrt`: " in md

@@ -112,7 +112,7 @@ class TensorRTEngine(Engine):
     def begin(self, batch_size: int) -> None:
         self.check_batch(batch_size)
         cfg = self.config
-        dtype = self._torch_dtype(self.past_names[0])
+        dtype = self._dtypes[self.past_names[0]]
         self._past = [torch.empty(batch_size, cfg.num_kv_heads, 0, cfg.head_dim, dtype=dtype, device=self.device)
                       for _ in self.past_names]
         self._past_len = 0
@@ -134,13 +134,13 @@ class TensorRTEngine(Engine):
                  "attention_mask": attention_mask, **dict(zip(self.past_names, self._past))}
         with torch.cuda.stream(self.stream):
             for name, t in feeds.items():
-                t = t.to(self.device, self._torch_dtype(name)).contiguous()
+                t = t.to(self.device, self._dtypes[name]).contiguous()
                 feeds[name] = t  # keep a reference until the stream is done with it
                 ctx.set_input_shape(name, tuple(t.shape))
                 ctx.set_tensor_address(name, self._address(t))
             outs = {}
             for name in names:
-                outs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._torch_dtype(name),
+                outs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtypes[name],
                                          device=self.device)
                 ctx.set_tensor_address(name, self._address(outs[name]))
             if not ctx.execute_async_v3(self.stream.cuda_stream):
@@ -161,9 +161,6 @@ class TensorRTEngine(Engine):
         outs = self._run(ids, torch.ones_like(ids), [*self.output_names, *self.marked])
         self._past = []
         return outs["logits"].float().cpu(), {n: outs[table[n]].float().cpu() for n in names}
-
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[name]
 
     def _address(self, t: torch.Tensor) -> int:
         return t.data_ptr() if t.numel() else self._dummy.data_ptr()
