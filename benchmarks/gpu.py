@@ -47,6 +47,10 @@ from nbtrt.testing import REAL, TINY, hf_config, random_hf_model  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEV.type == "cuda"
+# 8B variants "<format>:<tweak>" that compile with other Inductor settings (experiments, not shipped)
+INDUCTOR_TWEAKS = {"pdl": {"triton.enable_pdl": True},  # programmatic dependent launch
+                   "wide": {"coordinate_descent_search_radius": 2,  # a wider search of GEMV configs
+                            "coordinate_descent_check_all_directions": True}}
 QUICK_OVERRIDES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=1024)
 
@@ -425,10 +429,7 @@ def sec_llama8b(R, quick, formats):
             continue
         try:
             quant, _, tweak = fmt.partition(":")  # "int8_wo:inline": mlp.down's input left to Inductor
-            patches = {"pdl": {"triton.enable_pdl": True},  # programmatic dependent launch
-                       "wide": {"coordinate_descent_search_radius": 2,  # a wider search of GEMV configs
-                                "coordinate_descent_check_all_directions": True}}
-            with torch._inductor.config.patch(patches.get(tweak, {})):
+            with torch._inductor.config.patch(INDUCTOR_TWEAKS.get(tweak, {})):
                 m = model if quant == "bf16" else shared_copy(model)
                 reason = None if quant == "bf16" else quant_unavailable(quant, DEV, torch.bfloat16)
                 if reason:

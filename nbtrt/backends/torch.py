@@ -68,9 +68,10 @@ def _(x):
 class Int8WeightOnlyLinear(nn.Module):
     """int8 weight [out, in] x per-channel scale; activations stay in the model dtype (W8A16).
     One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. More rows
-    (prefill, batched decode): the weight is dequantized and scaled in one fused pass, then one
-    cuBLAS matmul. Written as ``linear(x, w) * scale``, the many-row product was lowered by Inductor
-    to a kernel that ran 2 s per 128-token prefill of an 8B model on an H200 (measured)."""
+    (prefill, batched decode), compiled: the weight is dequantized and scaled in one fused pass,
+    then one cuBLAS matmul (written as ``linear(x, w) * scale``, the many-row product was lowered by
+    Inductor to a kernel that ran 2 s per 128-token prefill of an 8B model on an H200, measured).
+    Eager, where nothing fuses, scaling the product instead saves a pass over the weight."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -85,8 +86,10 @@ class Int8WeightOnlyLinear(nn.Module):
             if self.realize_input:
                 x2 = torch.ops.nbtrt.realize(x2)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
-        else:
+        elif torch.compiler.is_compiling():
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale[:, None])
+        else:
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -190,14 +193,15 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         x2 = x.reshape(-1, self.in_features)
-        if self.packed.is_cuda and self.tile_order is not None and x.dim() == 3 and x.shape[1] > 1:
-            y = F.linear(x2.to(torch.bfloat16), self.dequantize()).to(x.dtype)
-        elif self.packed.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
-                                                   self.scales_and_zeros).to(x.dtype)
-        else:
+        prefill = x.dim() == 3 and x.shape[1] > 1  # more than one token per sequence
+        if not self.packed.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
                                                            self.scales_and_zeros.to(x.dtype))
+        elif prefill and self.tile_order is not None:
+            y = F.linear(x2.to(torch.bfloat16), self.dequantize()).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
+                                                   self.scales_and_zeros).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
