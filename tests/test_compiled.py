@@ -289,3 +289,73 @@ def test_int4_prefill_dequantizes_exactly_what_tinygemm_multiplies(in_features, 
         compiled = torch.compile(lin, dynamic=True, fullgraph=True)(x)
     assert ((prefill.float() - by_token.float()).norm() / by_token.float().norm()).item() <= 1e-2
     torch.testing.assert_close(compiled, prefill, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [2, 17, 63])
+def test_int8_triton_kernel_equals_dequantize_then_matmul(rows):
+    """The Triton INT8 kernel (a few rows: batched decode, short prompts) gives the eager product,
+    the weight dequantized then multiplied, for row counts that fill its 64-row tile partly, and
+    output counts that are not a whole number of its column blocks."""
+    from nbtrt.backends import triton_int8
+
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (200, 384), dtype=torch.int8, device="cuda")
+    scale = torch.rand(200, device="cuda", dtype=torch.bfloat16) / 100
+    x = torch.randn(rows, 384, device="cuda", dtype=torch.bfloat16)
+    assert triton_int8.takes(x, weight)
+    want = (x.float() @ weight.float().t()).bfloat16() * scale
+    got = torch.ops.nbtrt.int8_weight_mm(x, weight, scale)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_int8_linear_takes_the_triton_kernel_for_a_few_rows_only():
+    """Compiled, an INT8 linear runs the Triton kernel in the graph below MANY_ROWS rows and
+    dequantize + cuBLAS from there; both agree with the eager module."""
+    from torch._inductor.utils import run_and_get_code
+
+    from nbtrt.backends.torch import MANY_ROWS
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(torch.nn.Linear(512, 768, bias=False).cuda().bfloat16())
+    quantize_linears(holder, "int8_wo")
+    lin = holder[0]
+    for rows, triton_kernel in ((8, True), (MANY_ROWS, False)):
+        x = torch.randn(rows, 1, 512, device="cuda", dtype=torch.bfloat16)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got, (code,) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+            want = lin(x)
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+        assert ("int8_weight_mm_kernel" in code, "extern_kernels.mm" in code) == (triton_kernel, not triton_kernel)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantized_cuda_warmup_compiles_the_prefill_of_every_row_range(tmp_path):
+    """Weight-only linears pick their kernel by rows (INT8: Triton tile of 16 or 64 rows, then
+    dequantize + cuBLAS; INT4: tinygemm, then dequantize + cuBLAS), so a prefill graph serves one
+    range of prompt lengths. Warm-up compiles them all: no prompt compiles later, and every range
+    gives logits close to the unquantized engine's."""
+    from torch._dynamo.utils import counters
+
+    src = tiny_hf_model(ARCH, tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                        num_key_value_heads=2)
+    ckpt = nbtrt.convert(src, tmp_path / "ckpt")
+    engines = {quant: TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt, device="cuda", dtype="bfloat16"),
+                                               max_input_len=80, max_seq_len=96, quant=quant)
+               for quant in (None, "int8_wo", "int4_wo")}
+    tokens = torch.randint(0, 257, (70,)).tolist()
+    compiled = {}
+    for n in (5, 30, 70):
+        logits = {}
+        prompt = torch.tensor([tokens[:n]], device="cuda")  # a fresh tensor: a slice's strides are guarded too
+        for quant, engine in engines.items():
+            graphs = counters["stats"]["unique_graphs"]
+            engine.begin(1)
+            logits[quant] = engine.step(prompt, torch.ones_like(prompt)).float()
+            compiled[quant, n] = counters["stats"]["unique_graphs"] - graphs
+        for quant in ("int8_wo", "int4_wo"):
+            rel = ((logits[quant] - logits[None]).norm() / logits[None].norm()).item()
+            assert rel <= {"int8_wo": 0.03, "int4_wo": 0.3}[quant], (quant, n, rel)
+    assert not any(compiled.values()), compiled

@@ -12,7 +12,8 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   quantized at load) replace ``nn.Linear`` in place and run through PyTorch's own kernels
   (tinygemm, ``_scaled_mm``, ``_int_mm``); for the batch-1 decode GEMV Inductor fuses the INT8
   dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm`` with M=1 into one),
-  and weight-only prefills dequantize inside the graph, then call cuBLAS.
+  INT8 with a few rows takes a Triton kernel (``triton_int8``), and weight-only calls of
+  ``MANY_ROWS`` rows or more dequantize inside the graph, then call cuBLAS.
 
 Inductor's on-disk cache (FX graph cache) makes a reload compile in seconds. Capture (the
 debugger) runs the same modules eagerly through forward hooks.
@@ -38,7 +39,12 @@ from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
 from ..model import TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
+from . import triton_int8
 
+# From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
+# the weight and call cuBLAS; fewer take tinygemm (INT4) or the Triton INT8 kernel. Measured on an
+# H100, 8B config: README, "Quantized linears by rows".
+MANY_ROWS = 64
 DYNAMO_RECOMPILE_LIMIT = 64  # every engine in a process shares the compiled functions' caches
 # renamed from cache_size_limit in recent PyTorch
 _LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -67,11 +73,13 @@ def _(x):
 
 class Int8WeightOnlyLinear(nn.Module):
     """int8 weight [out, in] x per-channel scale; activations stay in the model dtype (W8A16).
-    One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. More rows
-    (prefill, batched decode), compiled: the weight is dequantized and scaled in one fused pass,
-    then one cuBLAS matmul (written as ``linear(x, w) * scale``, the many-row product was lowered by
-    Inductor to a kernel that ran 2 s per 128-token prefill of an 8B model on an H200, measured).
-    Eager, where nothing fuses, scaling the product instead saves a pass over the weight."""
+    One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. A few
+    rows on CUDA (batched decode, short prompts): one Triton kernel that reads the int8 weight once
+    (nbtrt.backends.triton_int8). ``MANY_ROWS`` rows and more (prefill), compiled: the weight is
+    dequantized and scaled in one fused pass, then one cuBLAS matmul (written as
+    ``linear(x, w) * scale``, the many-row product was lowered by Inductor to a kernel that ran 2 s
+    per 128-token prefill of an 8B model on an H200, measured). Eager, where nothing fuses,
+    scaling the product instead saves a pass over the weight."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -86,6 +94,8 @@ class Int8WeightOnlyLinear(nn.Module):
             if self.realize_input:
                 x2 = torch.ops.nbtrt.realize(x2)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
+        elif x2.shape[0] < MANY_ROWS and triton_int8.takes(x2, self.weight):
+            y = torch.ops.nbtrt.int8_weight_mm(x2, self.weight, self.scale)
         elif torch.compiler.is_compiling():
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale[:, None])
         else:
@@ -145,8 +155,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     tinygemm's time grows with the rows it multiplies (an 8B model's linears: 6.9 ms for one row,
     65 ms for 128, 959 ms for 2048 on an H100). So on CUDA a prefill (more than one token per
-    sequence) dequantizes the weight to bf16 and runs one cuBLAS matmul; decode, at any batch
-    size, stays on tinygemm."""
+    sequence) of ``MANY_ROWS`` rows or more dequantizes the weight to bf16 and runs one cuBLAS
+    matmul; shorter prefills and decode, at any batch size, stay on tinygemm."""
 
     GROUP_SIZES = (32, 64, 128, 256)
 
@@ -193,7 +203,8 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         x2 = x.reshape(-1, self.in_features)
-        prefill = x.dim() == 3 and x.shape[1] > 1  # more than one token per sequence
+        # more than one token per sequence, and enough rows for cuBLAS to beat tinygemm
+        prefill = x.dim() == 3 and x.shape[1] > 1 and x2.shape[0] >= MANY_ROWS
         if not self.packed.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
                                                            self.scales_and_zeros.to(x.dtype))
@@ -583,11 +594,26 @@ class TorchEngine(Engine):
             self.begin(batch_size)
             self.step(prompt, mask)
             self.step(prompt[:, :1], torch.ones(batch_size, 3, dtype=torch.long, device=self.device))
+            for length in self._longer_prefill_lengths(batch_size):
+                longer = torch.zeros(batch_size, length, dtype=torch.long, device=self.device)
+                self.begin(batch_size)
+                self.step(longer, torch.ones_like(longer))
             self.begin(batch_size)
             self._quiet = False
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
         return seconds
+
+    def _longer_prefill_lengths(self, batch_size: int) -> list[int]:
+        """Prompt lengths past 2 tokens that warm-up also prefills. Without a second length the
+        first real prompt recompiled the prefill (measured on CUDA); and on CUDA, weight-only
+        linears choose their kernel (INT8 its row tile too) by the rows of the call."""
+        rows = {triton_int8.ROW_TILES[0] + 1}
+        if self.device.type == "cuda" and any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear))
+                                              for m in self.model.modules()):
+            rows.add(MANY_ROWS)
+        lengths = {min(self.limits.max_input_len, -(-r // batch_size)) for r in rows}
+        return sorted(n for n in lengths if n > 2)
 
     def _run(self, fns, input_ids, attention_mask, cache_position, causal: bool = False) -> torch.Tensor:
         prelude, block, head = fns
