@@ -374,7 +374,12 @@ def test_build_options_widget(tiny, tmp_path):
     assert opts.builder_opt_level.layout.display is None
     if BACKENDS["tensorrt"].available():
         assert "tensorrt cannot build here" in opts.status.value
+        opts.max_input_len.value = 64  # the backend's problem stays shown while the limits change
+        assert "tensorrt cannot build here" in opts.status.value and "max_input_len" in opts.status.value
+        opts.max_input_len.value = 16
+        assert "tensorrt cannot build here" in opts.status.value
     opts.backend.value = "onnxruntime"
+    assert "cannot build here" not in opts.status.value
     opts.dtype.value = "float16"
     opts.max_input_len.value = 64
     assert "max_input_len must not exceed max_seq_len" in opts.status.value

@@ -235,6 +235,28 @@ def test_smoothquant_leaves_the_fp32_function_unchanged(tiny, arch):
     assert (flat.max() / flat.median()) < 0.5 * (chan.max() / chan.median())  # the outlier is flattened
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_smoothquant_preview_is_what_smooth_folds_for_that_linear_alone(tiny, arch):
+    """preview reads the model (no copy, nothing changed) and returns, for every kind of linear
+    (qkv, o with GQA, gate / up sharing a norm, down), the s that smooth() folds for it alone."""
+    import copy
+
+    _, ckpt, cal = tiny[arch]
+    model = load_decoder(ckpt)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n in formats.linear_names(model) if n.startswith("layers.1.")]
+    smoothed = {n for n in names if not n.endswith("mlp.down") or model.cfg.gated_mlp}
+    for name in smoothed:
+        want = smoothquant.smooth(copy.deepcopy(model), cal.inputs, 0.3, {name})[name]
+        assert torch.equal(smoothquant.preview(model, cal.inputs, name, 0.3), want), name
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    for name in set(names) - smoothed:  # a plain MLP's down projection
+        with pytest.raises(ValueError, match="does not smooth"):
+            smoothquant.preview(model, cal.inputs, name, 0.3)
+    with pytest.raises(ValueError, match="not a decoder linear"):
+        smoothquant.preview(model, cal.inputs, "lm_head", 0.3)
+
+
 def test_awq_never_worse_than_rtn_on_its_objective(tiny, quantized):
     _, ckpt, cal = tiny["LlamaForCausalLM"]
     _, ref = load_checkpoint(ckpt)

@@ -110,18 +110,20 @@ class BuildOptions(w.VBox):
         self.status = w.HTML()
         super().__init__([self.backend, self.status, self.dtype, self.max_batch_size, self.max_input_len,
                           self.max_seq_len, self.builder_opt_level, self.workspace_gib, self.timing_cache])
-        for control in (self.backend, self.max_batch_size, self.max_input_len, self.max_seq_len):
+        self.backend.observe(lambda _: self._refresh(backend_changed=True), names="value")
+        for control in (self.max_batch_size, self.max_input_len, self.max_seq_len):
             control.observe(lambda _: self._refresh(), names="value")
-        self._refresh()
+        self._backend_problem: str | None = None
+        self._refresh(backend_changed=True)
 
-    def _refresh(self) -> None:
+    def _refresh(self, backend_changed: bool = False) -> None:
         trt = self.backend.value == "tensorrt"
         for control in (self.builder_opt_level, self.workspace_gib, self.timing_cache):
             control.layout.display = None if trt else "none"
-        problems = []
-        reason = BACKENDS[self.backend.value].available()
-        if reason:
-            problems.append(f"{self.backend.value} cannot build here: {reason}")
+        if backend_changed:  # available() tries imports: once per backend choice, not per keystroke
+            reason = BACKENDS[self.backend.value].available()
+            self._backend_problem = f"{self.backend.value} cannot build here: {reason}" if reason else None
+        problems = [self._backend_problem] if self._backend_problem else []
         if self.max_input_len.value > self.max_seq_len.value:
             problems.append("max_input_len must not exceed max_seq_len")
         self.status.value = "".join(f"<p style='color:#d62728'>{p}</p>" for p in problems)
