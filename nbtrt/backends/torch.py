@@ -606,8 +606,8 @@ class TorchEngine(Engine):
 
     def _longer_prefill_lengths(self, batch_size: int) -> list[int]:
         """Prompt lengths past 2 tokens that warm-up also prefills. Without a second length the
-        first real prompt recompiled the prefill (measured on CUDA); and on CUDA, weight-only
-        linears choose their kernel (INT8 its row tile too) by the rows of the call."""
+        first real prompt could compile the prefill again (seen on a config with 2 KV heads);
+        and on CUDA, weight-only linears choose their kernel (INT8 its row tile too) by rows."""
         rows = {triton_int8.ROW_TILES[0] + 1}
         if self.device.type == "cuda" and any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear))
                                               for m in self.model.modules()):

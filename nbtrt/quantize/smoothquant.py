@@ -60,10 +60,8 @@ def _submodule(block: nn.Module, name: str) -> nn.Module | None:
 
 def _norm_groups(block: nn.Module, prefix: str) -> list[tuple[nn.Module, dict[str, nn.Linear]]]:
     """Each norm with the linears that read its output, by full name: they share one ``s``."""
-    groups = []
-    for norm, names in ((block.attn_norm, ["attn.qkv"]), (block.mlp_norm, ["mlp.gate", "mlp.up"])):
-        groups.append((norm, {f"{prefix}.{n}": m for n in names if (m := _submodule(block, n)) is not None}))
-    return groups
+    return [(norm, {f"{prefix}.{n}": m for n in names if (m := _submodule(block, n)) is not None})
+            for norm, names in ((block.attn_norm, ["attn.qkv"]), (block.mlp_norm, ["mlp.gate", "mlp.up"]))]
 
 
 def _o_scales(cfg, attn: nn.Module, act_max: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
