@@ -15,7 +15,9 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   INT8 with a few rows takes a Triton kernel (``triton_int8``), and weight-only calls of
   ``MANY_ROWS`` rows or more dequantize inside the graph, then call cuBLAS.
 
-Inductor's on-disk cache (FX graph cache) makes a reload compile in seconds. Capture (the
+Inductor tunes every kernel it generates the first time it runs; on CUDA the engine has it time
+them as the graph runs them, without the host's launch (``inductor_timing``). Inductor's on-disk
+cache (FX graph cache) makes a reload compile in seconds. Capture (the
 debugger) runs the same modules eagerly through forward hooks.
 
 >>> engine = nbtrt.load(nbtrt.build(ckpt, "work/engine", backend="torch", quant="int8_wo"))  # doctest: +SKIP
@@ -39,7 +41,7 @@ from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
 from ..model import TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
-from . import triton_int8
+from . import inductor_timing, triton_int8
 
 # From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
 # the weight and call cuBLAS; fewer take tinygemm (INT4) or the Triton INT8 kernel. Measured on an
@@ -617,7 +619,9 @@ class TorchEngine(Engine):
 
     def _run(self, fns, input_ids, attention_mask, cache_position, causal: bool = False) -> torch.Tensor:
         prelude, block, head = fns
-        with torch._dynamo.config.patch(**{_LIMIT_KEY: DYNAMO_RECOMPILE_LIMIT}):
+        # a first call compiles and tunes its kernels; inductor_timing says why it times them itself
+        tuning = inductor_timing.kernel_timing() if self.compiled and self.device.type == "cuda" else contextlib.nullcontext()
+        with torch._dynamo.config.patch(**{_LIMIT_KEY: DYNAMO_RECOMPILE_LIMIT}), tuning:
             x, rope, mask = prelude(self.model, input_ids, attention_mask, cache_position, causal)
             for layer, (k, v) in zip(self.model.layers, self._kv):
                 x = block(layer, x, rope, mask, k, v, cache_position)
