@@ -17,8 +17,8 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
 
 Inductor tunes every kernel it generates the first time it runs; on CUDA the engine has it time
 them as the graph runs them, without the host's launch (``inductor_timing``). Inductor's on-disk
-cache (FX graph cache) makes a reload compile in seconds. Capture (the
-debugger) runs the same modules eagerly through forward hooks.
+cache (FX graph cache) makes a reload compile in seconds. Capture (the debugger) runs the same
+modules eagerly through forward hooks.
 
 >>> engine = nbtrt.load(nbtrt.build(ckpt, "work/engine", backend="torch", quant="int8_wo"))  # doctest: +SKIP
 """
@@ -620,7 +620,8 @@ class TorchEngine(Engine):
     def _run(self, fns, input_ids, attention_mask, cache_position, causal: bool = False) -> torch.Tensor:
         prelude, block, head = fns
         # a first call compiles and tunes its kernels; inductor_timing says why it times them itself
-        tuning = inductor_timing.kernel_timing() if self.compiled and self.device.type == "cuda" else contextlib.nullcontext()
+        tuning = (inductor_timing.kernel_timing() if self.compiled and self.device.type == "cuda"
+                  else contextlib.nullcontext())
         with torch._dynamo.config.patch(**{_LIMIT_KEY: DYNAMO_RECOMPILE_LIMIT}), tuning:
             x, rope, mask = prelude(self.model, input_ids, attention_mask, cache_position, causal)
             for layer, (k, v) in zip(self.model.layers, self._kv):
