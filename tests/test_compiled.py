@@ -273,11 +273,12 @@ def test_grouped_decode_attention_equals_sdpa_on_expanded_heads(dtype, device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("in_features,group", [(4096, 128), (64, 32), (96, 32)])  # 8, 4 and 2 inner k-tiles
-def test_int4_prefill_dequantizes_exactly_what_tinygemm_multiplies(in_features, group):
-    """A prefill reads the INT4 weight back out of tinygemm's tiles (their layout found by probing the
-    packing kernel) and runs one bf16 matmul; the weight is bit for bit the checkpoint's, and the
-    product agrees with tinygemm's, token by token."""
+@pytest.mark.parametrize("in_features,group,mma", [(4096, 128, True), (192, 64, True), (64, 32, False), (96, 32, False)])
+def test_int4_prefill_dequantizes_exactly_what_the_decode_kernel_multiplies(in_features, group, mma):
+    """INT4 on CUDA takes nbtrt's mma kernel where it fits (groups of 64 inputs or more), else
+    tinygemm (8, 4 and 2 inner k-tiles here, its layout found by probing its packing kernel). A
+    prefill reads the weight back out of either layout and runs one bf16 matmul: the weight is bit
+    for bit the checkpoint's, and the product agrees with the decode kernel's, token by token."""
     from nbtrt.backends.torch import Int4WeightOnlyLinear
     from nbtrt.quantize.formats import quantize_int4, unpack_int4
 
@@ -285,16 +286,51 @@ def test_int4_prefill_dequantizes_exactly_what_tinygemm_multiplies(in_features, 
     w = torch.randn(256, in_features, device="cuda") * 0.02
     packed, scale = quantize_int4(w, group)
     lin = Int4WeightOnlyLinear(packed, scale, group, None, torch.bfloat16)
-    assert lin.tile_order is not None
+    assert lin.mma == mma and (lin.mma or lin.tile_order is not None), lin.mma_unavailable
     want = (unpack_int4(packed).float() * scale.bfloat16().float().repeat_interleave(group, 1)).bfloat16()
     assert torch.equal(lin.dequantize(), want)
     x = torch.randn(2, 40, in_features, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         prefill = lin(x)
-        by_token = torch.cat([lin(x[:, i:i + 1]) for i in range(x.shape[1])], 1)  # tinygemm
+        by_token = torch.cat([lin(x[:, i:i + 1]) for i in range(x.shape[1])], 1)  # the decode kernel
         compiled = torch.compile(lin, dynamic=True, fullgraph=True)(x)
     assert rel_l2(by_token, prefill) <= 1e-2
     torch.testing.assert_close(compiled, prefill, rtol=1e-2, atol=1e-2)
+
+
+def test_int4_mma_layout_unpacks_to_the_nibbles_it_packed():
+    """The mma kernel's pre-shuffled words hold every nibble once, and unpack() reads them back;
+    slicing the rows (lm_head-sized weights) does not change the words."""
+    from nbtrt.backends import cuda_int4
+
+    u = torch.randint(0, 16, (48, 192), dtype=torch.int32)
+    words = cuda_int4.pack(u)
+    assert words.dtype == torch.int32 and words.numel() == u.numel() // 8
+    assert torch.equal(cuda_int4.unpack(words, 48, 192), u)
+    assert torch.equal(cuda_int4.pack(u, rows_per_step=16), words)
+    assert cuda_int4.unavailable_reason(torch.device("cpu"), 48, 192, 64) is not None
+    assert not cuda_int4.fits(40, 192, 64) and not cuda_int4.fits(48, 192, 32) and cuda_int4.fits(48, 192, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 63])
+@pytest.mark.parametrize("out_features,in_features,group", [(4096, 4096, 128), (6144, 4096, 128), (4096, 14336, 128),
+                                                            (48, 576, 64), (160, 512, 256)])
+def test_int4_mma_kernel_equals_dequantize_then_matmul(rows, out_features, in_features, group):
+    """The mma kernel gives the dequantized weight's product (fp32) within bf16 rounding, for 1 to
+    8 rows (the B operand's columns, partly filled) and more (one launch per 8), on the 8B model's
+    shapes (1, 8 and 16 warps a block) and small ones (1 warp, groups of 64 and 256)."""
+    from nbtrt.backends import cuda_int4
+
+    torch.manual_seed(0)
+    u = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cuda")
+    scale = (torch.rand(out_features, in_features // group, device="cuda") / 50 + 1e-3).bfloat16()
+    assert cuda_int4.unavailable_reason(u.device, out_features, in_features, group) is None
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    weight = (u - 8).float() * scale.float().repeat_interleave(group, 1)
+    got = torch.ops.nbtrt.int4_mm(x, cuda_int4.pack(u), scale.t().contiguous(), group)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    assert rel_l2(x.float() @ weight.t(), got) <= 4e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -10,9 +10,10 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   so a token costs one graph replay instead of hundreds of kernel launches;
 - quantized linears (INT8 / INT4 weight-only, FP8, W8A8; from an nbtrt.quantize checkpoint or
   quantized at load) replace ``nn.Linear`` in place and run through PyTorch's own kernels
-  (tinygemm, ``_scaled_mm``, ``_int_mm``); for the batch-1 decode GEMV Inductor fuses the INT8
-  dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm`` with M=1 into one),
-  INT8 with a few rows takes a Triton kernel (``triton_int8``), and weight-only calls of
+  (tinygemm, ``_scaled_mm``, ``_int_mm``) or nbtrt's own; for the batch-1 decode GEMV Inductor
+  fuses the INT8 dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm``
+  with M=1 into one), INT8 with a few rows takes a Triton kernel (``triton_int8``), INT4 with a
+  few rows a CUDA kernel compiled by NVRTC (``cuda_int4``), and weight-only calls of
   ``MANY_ROWS`` rows or more dequantize inside the graph, then call cuBLAS.
 
 Inductor tunes every kernel it generates the first time it runs; on CUDA the engine has it time
@@ -41,11 +42,11 @@ from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
 from ..model import TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
-from . import inductor_timing, triton_int8
+from . import cuda_int4, inductor_timing, triton_int8
 
 # From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
-# the weight and call cuBLAS; fewer take tinygemm (INT4) or the Triton INT8 kernel. Measured on an
-# H100, 8B config: README, "Quantized linears by rows".
+# the weight and call cuBLAS; fewer take nbtrt's INT4 kernel (or tinygemm) or the Triton INT8
+# kernel. Measured on an H100, 8B config: README, "Quantized linears by rows".
 MANY_ROWS = 64
 DYNAMO_RECOMPILE_LIMIT = 64  # every engine in a process shares the compiled functions' caches
 # renamed from cache_size_limit in recent PyTorch
@@ -151,14 +152,17 @@ def _unpack_tinygemm(packed: torch.Tensor, order: torch.Tensor, out_features: in
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """int4 weight (signed, per-group scale, no zero point) for tinygemm (``aten._weight_int4pack_mm``),
-    which computes ``(u - 8) * scale + zero`` with u in [0, 15]: so u = q + 8 and zero = 0.
-    AWQ checkpoints also scale the input by ``pre_quant_scale``.
+    """int4 weight (signed, per-group scale, no zero point); AWQ checkpoints also scale the input
+    by ``pre_quant_scale``. Where it runs:
 
-    tinygemm's time grows with the rows it multiplies (an 8B model's linears: 6.9 ms for one row,
-    65 ms for 128, 959 ms for 2048 on an H100). So on CUDA a prefill (more than one token per
-    sequence) of ``MANY_ROWS`` rows or more dequantizes the weight to bf16 and runs one cuBLAS
-    matmul; shorter prefills and decode, at any batch size, stay on tinygemm."""
+    - on CUDA, fewer than ``MANY_ROWS`` rows (decode, short prompts): nbtrt's own kernel
+      (:mod:`nbtrt.backends.cuda_int4`, the weight pre-shuffled for it), or tinygemm
+      (``aten._weight_int4pack_mm``, which computes ``(u - 8) * scale + zero`` with u = q + 8 and
+      zero = 0) where that kernel cannot run; ``mma_unavailable`` says why;
+    - on CUDA, ``MANY_ROWS`` rows or more (with tinygemm, of a prefill only): the weight
+      dequantized to bf16, then one cuBLAS matmul (tinygemm's time grows with the rows: an 8B
+      model's linears took 6.9 ms for one row, 65 ms for 128, 959 ms for 2048 on an H100);
+    - on a CPU: tinygemm's CPU kernel."""
 
     GROUP_SIZES = (32, 64, 128, 256)
 
@@ -168,18 +172,23 @@ class Int4WeightOnlyLinear(nn.Module):
         from ..quantize.formats import unpack_int4
 
         N, K = packed.shape[0], packed.shape[1] * 2
-        tiles = self.inner_k_tiles(K, N, group_size)
         u = unpack_int4(packed).to(torch.int32) + 8
-        act = torch.bfloat16 if packed.is_cuda else dtype  # the CUDA kernel takes bf16 activations
-        sz = torch.stack([weight_scale.float(), torch.zeros_like(weight_scale, dtype=torch.float32)], -1)
-        if packed.is_cuda:
-            tiny = _pack_for_tinygemm(u, tiles)
-            order = tinygemm_tile_order(tiles, str(packed.device))
+        self.mma_unavailable = cuda_int4.unavailable_reason(packed.device, N, K, group_size)
+        self.mma = self.mma_unavailable is None
+        order = None
+        if self.mma:
+            weight, scales = cuda_int4.pack(u), weight_scale.t().contiguous().to(torch.bfloat16)  # [in / g, out]
         else:
-            tiny = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles)
-            order = None
-        self.register_buffer("packed", tiny)
-        self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(act))  # [in / g, out, 2]
+            tiles = self.inner_k_tiles(K, N, group_size)
+            act = torch.bfloat16 if packed.is_cuda else dtype  # the CUDA kernel takes bf16 activations
+            sz = torch.stack([weight_scale.float(), torch.zeros_like(weight_scale, dtype=torch.float32)], -1)
+            scales = sz.transpose(0, 1).contiguous().to(act)  # scales and zeros [in / g, out, 2]
+            if packed.is_cuda:
+                weight, order = _pack_for_tinygemm(u, tiles), tinygemm_tile_order(tiles, str(packed.device))
+            else:
+                weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, tiles)
+        self.register_buffer("packed", weight)
+        self.register_buffer("scales", scales)
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
         self.register_buffer("tile_order", order, persistent=False)
         self.group_size, self.in_features, self.out_features, self.bias = group_size, K, N, bias
@@ -192,29 +201,33 @@ class Int4WeightOnlyLinear(nn.Module):
         return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight [out, in] in bf16, as tinygemm computes it (CUDA only).
+        """The weight [out, in] in bf16, as the CUDA kernels compute it.
 
         >>> torch.testing.assert_close(x @ lin.dequantize().t(), lin(x))  # doctest: +SKIP
         """
         N, K, g = self.out_features, self.in_features, self.group_size
+        if self.mma:
+            u = cuda_int4.unpack(self.packed, N, K).view(N, K // g, g)
+            return ((u - 8).to(self.scales.dtype) * self.scales.t().unsqueeze(2)).view(N, K)
         u = _unpack_tinygemm(self.packed, self.tile_order, N, K).view(N, K // g, g)
-        scale, zero = self.scales_and_zeros.transpose(0, 1).unsqueeze(2).unbind(-1)  # [out, in / g, 1] each
+        scale, zero = self.scales.transpose(0, 1).unsqueeze(2).unbind(-1)  # [out, in / g, 1] each
         return ((u - 8).to(scale.dtype) * scale + zero).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         x2 = x.reshape(-1, self.in_features)
-        # more than one token per sequence, and enough rows for cuBLAS to beat tinygemm
-        prefill = x.dim() == 3 and x.shape[1] > 1 and x2.shape[0] >= MANY_ROWS
+        many = x2.shape[0] >= MANY_ROWS
+        prefill = many and x.dim() == 3 and x.shape[1] > 1  # tinygemm keeps many one-token rows (not measured)
         if not self.packed.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
-                                                           self.scales_and_zeros.to(x.dtype))
-        elif prefill and self.tile_order is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales.to(x.dtype))
+        elif self.mma and not many:
+            y = torch.ops.nbtrt.int4_mm(x2.to(torch.bfloat16), self.packed, self.scales, self.group_size).to(x.dtype)
+        elif self.mma or (prefill and self.tile_order is not None):
             y = F.linear(x2.to(torch.bfloat16), self.dequantize()).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
-                                                   self.scales_and_zeros).to(x.dtype)
+                                                   self.scales).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

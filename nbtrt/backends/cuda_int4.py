@@ -1,0 +1,201 @@
+"""INT4 weight-only matmul of a few rows (decode, short prompts) on CUDA: one hand-written kernel
+that dequantizes into the tensor cores' operands, compiled at run time by NVRTC through PyTorch's
+``torch.cuda._compile_kernel``.
+
+Why: a decode step streams every weight once, so its time is the weight bytes. tinygemm, PyTorch's
+INT4 kernel, reached 1.3-1.95 TB/s on an H100 with the 8B model's shapes (3.0 TB/s copy), and its
+time grows with the rows. In the 8B model's batch-1 decode step on an H100 this kernel's 161 calls
+take 1.88 ms against tinygemm's 2.37 ms, and at batch 8 the step takes 2.8 ms against 6.1 ms
+(README, "INT4 on nbtrt's own kernel"). It is laid out Marlin-style:
+
+- each warp multiplies a 16-row tile of the weight with ``mma.m16n8k16`` (bf16 in, fp32 out); the
+  activations are the 8 columns of the B operand, so 1 to 8 rows cost the same (more rows: one
+  launch per 8);
+- the weight is stored pre-shuffled (:func:`pack`): a lane's 16-byte load holds exactly the nibbles
+  of its A fragments for four k-steps, and its 32 bytes of activations are contiguous;
+- a nibble ``u = q + 8`` becomes the bf16 ``128 + u`` by one AND-OR with 0x4300 (no int-to-float
+  conversion), and one packed FMA subtracts 136, exactly;
+- a group's products accumulate in fp32 and are scaled once; the warps of a block split the inputs
+  and add up through shared memory.
+
+Registered as the custom op ``nbtrt::int4_mm``, so compiled graphs call it and CUDA graphs
+capture it. Where NVRTC cannot compile it (no GPU of sm_80 or newer, no CUDA headers), the caller
+keeps tinygemm.
+
+>>> y = torch.ops.nbtrt.int4_mm(x2, pack(u), scale.t().contiguous(), 128)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MAX_ROWS = 8  # the B operand's columns
+CHUNK = 64  # inputs per lane load: four k-steps of 16
+WARP_CHOICES = (16, 8, 4, 2, 1)  # warps per block
+WARPS_PER_GPU = 4096  # split the inputs over more warps only up to this many in the grid
+UNROLL = 4  # groups whose loads a warp issues before it waits
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ u32 nibbles_to_bf16x2(u32 w) {
+    // bits 0-3 and 16-19 hold u = q + 8; as the mantissa of 128.0 they read 128 + u, exactly
+    u32 v = (w & 0x000F000Fu) | 0x43004300u, out;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(v), "r"(0x3F803F80u), "r"(0xC308C308u));  // v * 1 - 136
+    return out;
+}
+
+__device__ __forceinline__ void mma_word(float* d, u32 w, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(nibbles_to_bf16x2(w)), "r"(nibbles_to_bf16x2(w >> 4)), "r"(nibbles_to_bf16x2(w >> 8)),
+          "r"(nibbles_to_bf16x2(w >> 12)), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float bf16_to_float(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ u16 float_to_bf16(float f) {  // round to nearest even
+    u32 b = __float_as_uint(f);
+    return (u16)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// y[M, N] = x[M, K] @ W^T, W int4 [N, K] pre-shuffled by nbtrt's pack(), scales [K / GROUP, N]
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int4_gemv(const uint4* __restrict__ w, const u16* __restrict__ scales, const u16* __restrict__ x,
+          u16* __restrict__ y, int M, int N, int K) {
+    const int CPG = GROUP / 64;  // chunks per group
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int chunks = K / 64, per_warp = chunks / WARPS, first = warp * per_warp, tile = blockIdx.x;
+    const uint4* wp = w + ((size_t)tile * chunks + first) * 32 + lane;
+    const bool live = g < M;  // B column g is activation row g
+    const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)(live ? g : 0) * K + first * 64 + 16 * t);
+    const u16* sp = scales + (size_t)(first / CPG) * N + tile * 16 + g;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    #pragma unroll UNROLL
+    for (int c = 0; c < per_warp; c += CPG) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        #pragma unroll
+        for (int i = 0; i < CPG; ++i) {
+            const uint4 q = wp[(c + i) * 32];
+            const uint4 xa = live ? xp[(c + i) * 8] : zero, xb = live ? xp[(c + i) * 8 + 1] : zero;
+            mma_word(d, q.x, xa.x, xa.y);
+            mma_word(d, q.y, xa.z, xa.w);
+            mma_word(d, q.z, xb.x, xb.y);
+            mma_word(d, q.w, xb.z, xb.w);
+        }
+        const float s_lo = bf16_to_float(sp[0]), s_hi = bf16_to_float(sp[8]);
+        sp += N;
+        acc[0] += d[0] * s_lo; acc[1] += d[1] * s_lo; acc[2] += d[2] * s_hi; acc[3] += d[3] * s_hi;
+    }
+    __shared__ float part[WARPS][8][16];  // [warp][activation row][weight row of the tile]
+    part[warp][2 * t][g] = acc[0];
+    part[warp][2 * t + 1][g] = acc[1];
+    part[warp][2 * t][g + 8] = acc[2];
+    part[warp][2 * t + 1][g + 8] = acc[3];
+    __syncthreads();
+    for (int o = threadIdx.x; o < M * 16; o += WARPS * 32) {
+        const int m = o >> 4, r = o & 15;
+        float s = 0.f;
+        #pragma unroll
+        for (int i = 0; i < WARPS; ++i) s += part[i][m][r];
+        y[(size_t)m * N + tile * 16 + r] = float_to_bf16(s);
+    }
+}
+"""
+
+
+def fits(out_features: int, in_features: int, group: int) -> bool:
+    """Whether the kernel takes an [N, K] weight: N whole 16-row tiles, K whole groups of a
+    multiple of 64 inputs."""
+    return out_features % 16 == 0 and group % CHUNK == 0 and in_features % group == 0
+
+
+def warps_for(out_features: int, in_features: int, group: int) -> int:
+    """Warps per block: each takes whole groups of the inputs. Few output tiles (o, down) split
+    the inputs over more warps, so the GPU holds enough loads in flight; many tiles keep 4 or fewer
+    (chosen on an H100 over the 8B shapes: benchmarks/results/gpu_int4-kernel_*)."""
+    tiles = out_features // 16
+    return max(w for w in WARP_CHOICES if in_features % (w * group) == 0 and (w <= 4 or tiles * w <= WARPS_PER_GPU))
+
+
+@functools.cache
+def _compiled(warps: int, group: int, unroll: int = UNROLL):
+    defines = f"#define WARPS {warps}\n#define GROUP {group}\n#define UNROLL {unroll}\n"
+    return torch.cuda._compile_kernel(defines + SOURCE, "int4_gemv")
+
+
+def unavailable_reason(device: torch.device, out_features: int, in_features: int, group: int) -> str | None:
+    """None when the kernel runs this weight on ``device`` (compiling it now, outside any CUDA
+    graph capture), else why not."""
+    if device.type != "cuda":
+        return f"the kernel runs on CUDA, not on {device.type}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "the kernel needs bf16 tensor cores (sm_80 or newer)"
+    if not fits(out_features, in_features, group):
+        return f"a [{out_features}, {in_features}] weight in groups of {group} does not fit its tiles"
+    try:
+        with torch.cuda.device(device):
+            _compiled(warps_for(out_features, in_features, group), group)
+    except Exception as err:  # NVRTC or the CUDA headers missing: the caller keeps tinygemm
+        return f"NVRTC could not compile it ({err})"
+    return None
+
+
+def pack(u: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
+    """The nibbles ``u = q + 8`` (ints in [0, 15], [N, K]) -> the kernel's int32 words.
+
+    Word ``((tile * K/64 + chunk) * 32 + lane) * 4 + j`` holds lane ``(g, t) = divmod(lane, 4)``'s
+    A fragments of k-step j: weight rows ``16 tile + {g, g + 8}`` (h = 0, 1), inputs
+    ``64 chunk + 16 t + 4 j + 2 p + e``, at nibble ``4 e + 2 p + h``. Done in slices of rows so an
+    lm_head does not need a 64-bit copy of itself.
+    """
+    N, K = u.shape
+    shifts = torch.arange(0, 32, 4, device=u.device, dtype=torch.int64)
+    out = []
+    for start in range(0, N, rows_per_step):
+        v = u[start:start + rows_per_step].to(torch.int64)
+        v = v.view(-1, 2, 8, K // 64, 4, 4, 2, 2)  # tile, h, g, chunk, t, j, p, e
+        v = v.permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(-1, 8)  # tile, chunk, g, t, j | e, p, h
+        words = (v << shifts).sum(-1)
+        out.append(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+    return torch.cat(out)
+
+
+def unpack(words: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: the nibbles [N, K] (int32). Written as one gather at each output's
+    own index, so that in a compiled prefill Inductor fuses it with the scaling into one kernel
+    that reads the words and writes the bf16 weight."""
+    N, K = out_features, in_features
+    n = torch.arange(N, device=words.device, dtype=torch.int32)[:, None]
+    k = torch.arange(K, device=words.device, dtype=torch.int32)[None, :]
+    lane = n % 8 * 4 + k % 64 // 16
+    index = ((n // 16 * (K // 64) + k // 64) * 32 + lane) * 4 + k % 16 // 4
+    shift = 4 * (k % 2 * 4 + k % 4 // 2 * 2 + n % 16 // 8)
+    return (words[index] >> shift) & 0xF
+
+
+@torch.library.custom_op("nbtrt::int4_mm", mutates_args=())
+def int4_mm(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: int) -> torch.Tensor:
+    """``x2 [M, K]`` (bf16) times the packed int4 weight (:func:`pack`) -> ``[M, N]`` bf16;
+    ``scales_t`` is the per-group scale transposed, ``[K / group, N]`` bf16. One launch per 8 rows."""
+    if x2.dtype != torch.bfloat16:
+        raise TypeError(f"nbtrt::int4_mm takes bf16 activations, got {x2.dtype}")
+    M, K = x2.shape
+    N = scales_t.shape[1]
+    warps = warps_for(N, K, group)
+    kernel = _compiled(warps, group)
+    x2 = x2.contiguous()
+    y = x2.new_empty(M, N)
+    for start in range(0, M, MAX_ROWS):
+        rows = min(MAX_ROWS, M - start)
+        kernel(grid=(N // 16, 1, 1), block=(warps * 32, 1, 1),
+               args=[words, scales_t, x2[start:start + rows], y[start:start + rows], rows, N, K])
+    return y
+
+
+@int4_mm.register_fake
+def _(x2, words, scales_t, group):
+    return x2.new_empty(x2.shape[0], scales_t.shape[1])
