@@ -26,6 +26,7 @@ keeps tinygemm.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -104,6 +105,35 @@ int4_gemv(const uint4* __restrict__ w, const u16* __restrict__ scales, const u16
         y[(size_t)m * N + tile * 16 + r] = float_to_bf16(s);
     }
 }
+
+// the bf16 weight [N, K] (a prefill's cuBLAS operand): one thread per 16-byte load of int4_gemv,
+// which holds 16 inputs of weight rows g and g + 8; each is written as 32 contiguous bytes
+extern "C" __global__ void int4_dequant(const uint4* __restrict__ w, const u16* __restrict__ scales,
+                                        uint4* __restrict__ out, int N, int K) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int chunks = K / 64;
+    if (i >= (long)(N / 16) * chunks * 32) return;
+    const int lane = i & 31, g = lane >> 2, t = lane & 3, chunk = (i >> 5) % chunks, tile = (i >> 5) / chunks;
+    const int row = tile * 16 + g, k0 = chunk * 64 + 16 * t;
+    const uint4 q = w[i];
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float s = bf16_to_float(scales[(size_t)(k0 / GROUP) * N + row + 8 * h]);
+        u32 pairs[8];  // inputs k0 + 4j + 2p + e sit at nibble 4e + 2p + h of word j
+        #pragma unroll
+        for (int j = 0; j < 4; ++j)
+            #pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                const float lo = (float)((int)((words[j] >> (4 * (2 * p + h))) & 0xFu) - 8) * s;
+                const float hi = (float)((int)((words[j] >> (4 * (4 + 2 * p + h))) & 0xFu) - 8) * s;
+                pairs[2 * j + p] = (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
+            }
+        uint4* dst = out + ((size_t)(row + 8 * h) * K + k0) / 8;
+        dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+        dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+    }
+}
 """
 
 
@@ -122,9 +152,26 @@ def warps_for(out_features: int, in_features: int, group: int) -> int:
 
 
 @functools.cache
-def _compiled(warps: int, group: int, unroll: int = UNROLL):
+def _compiled(warps: int, group: int, unroll: int = UNROLL, name: str = "int4_gemv"):
     defines = f"#define WARPS {warps}\n#define GROUP {group}\n#define UNROLL {unroll}\n"
-    return torch.cuda._compile_kernel(defines + SOURCE, "int4_gemv")
+    return torch.cuda._compile_kernel(defines + SOURCE, name)
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _launch(kernel, blocks: int, threads: int, *args: torch.Tensor | int) -> None:
+    """Launch on the current stream with little host time: a prefill makes one call per linear,
+    outside any CUDA graph, and PyTorch's own launch call took 34.3 us of host time against 13.8 us
+    here (H200: benchmarks/experiments/int4_launch_probe.py)."""
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    argv = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    err = _libcuda().cuLaunchKernel(kernel.func, blocks, 1, 1, threads, 1, 1, 0, stream, argv, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernel failed: CUDA error {err}")
 
 
 def unavailable_reason(device: torch.device, out_features: int, in_features: int, group: int) -> str | None:
@@ -139,6 +186,7 @@ def unavailable_reason(device: torch.device, out_features: int, in_features: int
     try:
         with torch.cuda.device(device):
             _compiled(warps_for(out_features, in_features, group), group)
+            _compiled(1, group, name="int4_dequant")
     except Exception as err:  # NVRTC or the CUDA headers missing: the caller keeps tinygemm
         return f"NVRTC could not compile it ({err})"
     return None
@@ -165,9 +213,8 @@ def pack(u: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
 
 
 def unpack(words: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the nibbles [N, K] (int32). Written as one gather at each output's
-    own index, so that in a compiled prefill Inductor fuses it with the scaling into one kernel
-    that reads the words and writes the bf16 weight."""
+    """Inverse of :func:`pack`: the nibbles [N, K] (int32), in torch ops, as the layout's
+    reference (the engine dequantizes with ``nbtrt::int4_dequantize``)."""
     N, K = out_features, in_features
     n = torch.arange(N, device=words.device, dtype=torch.int32)[:, None]
     k = torch.arange(K, device=words.device, dtype=torch.int32)[None, :]
@@ -191,11 +238,30 @@ def int4_mm(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group
     y = x2.new_empty(M, N)
     for start in range(0, M, MAX_ROWS):
         rows = min(MAX_ROWS, M - start)
-        kernel(grid=(N // 16, 1, 1), block=(warps * 32, 1, 1),
-               args=[words, scales_t, x2[start:start + rows], y[start:start + rows], rows, N, K])
+        _launch(kernel, N // 16, warps * 32, words, scales_t, x2[start:start + rows], y[start:start + rows], rows, N, K)
     return y
 
 
 @int4_mm.register_fake
 def _(x2, words, scales_t, group):
     return x2.new_empty(x2.shape[0], scales_t.shape[1])
+
+
+@torch.library.custom_op("nbtrt::int4_dequantize", mutates_args=())
+def int4_dequantize(words: torch.Tensor, scales_t: torch.Tensor, group: int) -> torch.Tensor:
+    """The bf16 weight ``[N, K]`` of the packed words, ``bf16(q * scale)`` as the checkpoint's
+    reference computes it: the operand of a prefill's one cuBLAS matmul. (The same in torch ops,
+    :func:`unpack` then a multiply, which Inductor fused into one kernel, made the 8B model's
+    128-token INT4 prefill take 28.2-28.6 ms on an H200; this kernel, 24.4-26.3 ms.)"""
+    N = scales_t.shape[1]
+    K = words.numel() * 8 // N
+    out = scales_t.new_empty(N, K)
+    threads = N * K // 32
+    _launch(_compiled(1, group, name="int4_dequant"), (threads + 255) // 256, 256, words, scales_t, out, N, K)
+    return out
+
+
+@int4_dequantize.register_fake
+def _(words, scales_t, group):
+    N = scales_t.shape[1]
+    return scales_t.new_empty(N, words.numel() * 8 // N)

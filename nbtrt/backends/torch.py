@@ -207,8 +207,7 @@ class Int4WeightOnlyLinear(nn.Module):
         """
         N, K, g = self.out_features, self.in_features, self.group_size
         if self.mma:
-            u = cuda_int4.unpack(self.packed, N, K).view(N, K // g, g)
-            return ((u - 8).to(self.scales.dtype) * self.scales.t().unsqueeze(2)).view(N, K)
+            return torch.ops.nbtrt.int4_dequantize(self.packed, self.scales, g)
         u = _unpack_tinygemm(self.packed, self.tile_order, N, K).view(N, K // g, g)
         scale, zero = self.scales.transpose(0, 1).unsqueeze(2).unbind(-1)  # [out, in / g, 1] each
         return ((u - 8).to(scale.dtype) * scale + zero).view(N, K)

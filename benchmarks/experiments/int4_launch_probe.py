@@ -1,0 +1,13 @@
+import time, torch
+from nbtrt.backends import cuda_int4 as ci
+u = torch.randint(0, 16, (4096, 4096), device="cuda", dtype=torch.int32); w = ci.pack(u)
+st = torch.full((32, 4096), 0.01, device="cuda", dtype=torch.bfloat16); x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+k = ci._compiled(ci.warps_for(4096, 4096, 128), 128); y = x.new_empty(1, 4096)
+def host_us(fn, n=2000):
+    fn(); torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(n): fn()
+    d = time.perf_counter() - t; torch.cuda.synchronize(); return 1e6 * d / n
+print("torch _CudaKernel call us", host_us(lambda: k(grid=(256, 1, 1), block=(512, 1, 1), args=[w, st, x, y, 1, 4096, 4096])))
+print("nbtrt _launch us", host_us(lambda: ci._launch(k, 256, 512, w, st, x, y, 1, 4096, 4096)))
+print("int4_mm op us", host_us(lambda: torch.ops.nbtrt.int4_mm(x, w, st, 128)))
+print("equal", torch.equal(torch.ops.nbtrt.int4_mm(x, w, st, 128), (k(grid=(256,1,1), block=(512,1,1), args=[w, st, x, y, 1, 4096, 4096]), y)[1]))
