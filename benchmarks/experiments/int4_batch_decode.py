@@ -1,5 +1,8 @@
 """Experiment (GPU): the 8B config's INT4 decode step at batch 2-32, nbtrt's mma kernel against
-tinygemm (the kernel made unavailable for the second engine). JSON to argv[1]."""
+tinygemm (the kernel made unavailable for the second engine). JSON to argv[1].
+
+    python benchmarks/experiments/int4_batch_decode.py $OUT
+"""
 import json
 import sys
 import time
@@ -32,9 +35,9 @@ real_reason = cuda_int4.unavailable_reason
 for name in ("int4_wo", "int4_wo:tinygemm"):
     if name.endswith("tinygemm"):
         cuda_int4.unavailable_reason = lambda *a: "forced off for the comparison"
-    m = model if name == "bf16" else G.shared_copy(model)
+    m = G.shared_copy(model)
     eng = TorchEngine.from_decoder(m, max_batch_size=max(BATCHES), max_seq_len=160, compile=True,
-                                   quant=None if name == "bf16" else "int4_wo", warmup=False)
+                                   quant="int4_wo", warmup=False)
     out["step_ms"][name] = {b: 1000 * G.decode_step_seconds(eng, b, 128) for b in BATCHES}
     print(name, {b: round(v, 3) for b, v in out["step_ms"][name].items()}, flush=True)
     cuda_int4.unavailable_reason = real_reason

@@ -1,5 +1,8 @@
 """Probe (GPU): the NVRTC INT4 kernel (nbtrt.backends.cuda_int4) against tinygemm on the 8B shapes:
-correctness against the dequantized weight, then kernel time (kernel_ms) per variant."""
+correctness against the dequantized weight, then kernel time (kernel_ms) per variant.
+
+    PYTHONPATH=. python benchmarks/experiments/int4_gemv_probe.py $OUT
+"""
 import json, os, sys, time, traceback
 import torch
 from nbtrt.backends import cuda_int4 as ci
@@ -7,12 +10,11 @@ from nbtrt.backends.inductor_timing import kernel_ms
 from nbtrt.backends.torch import _pack_for_tinygemm
 
 out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "shapes": {}}
-SHAPES = {"qkv": (6144, 4096, 1), "o": (4096, 4096, 1), "gate": (14336, 4096, 1), "up": (14336, 4096, 1),
-          "down": (4096, 14336, 1), "lm_head": (128256, 4096, 0.03125)}
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate": (14336, 4096), "up": (14336, 4096),
+          "down": (4096, 14336), "lm_head": (128256, 4096)}
 G = 128
 torch.manual_seed(0)
-totals = {}
-for name, (N, K, per_layer) in SHAPES.items():
+for name, (N, K) in SHAPES.items():
     u = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.int32)
     s = (torch.rand(N, K // G, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
     words = ci.pack(u)
@@ -51,12 +53,12 @@ for name, (N, K, per_layer) in SHAPES.items():
     print(name, json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
     del u, w, words, tiny
 # per-step totals (32 layers): tinygemm vs best variant per shape
-step = {"tinygemm": 0.0, "best": 0.0}
+step = {"tinygemm": 0.0, "best": 0.0, "op": 0.0}
 for name, rec in out["shapes"].items():
     mult = 32 if name != "lm_head" else 1
     step["tinygemm"] += mult * rec["tinygemm_us"]
     step["best"] += mult * min(v for k, v in rec.items() if k.startswith("w") and k.endswith("_us"))
-    step["op"] = step.get("op", 0.0) + mult * rec["op_us"]
+    step["op"] += mult * rec["op_us"]
 out["step_us"] = step
 print("STEP", step)
 # CUDA graph capture of the kernel

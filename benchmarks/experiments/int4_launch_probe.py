@@ -1,3 +1,8 @@
+"""Probe (GPU): host time per launch of the INT4 kernel, through torch.cuda's kernel wrapper,
+through cuda_int4._launch, and as the custom op; printed.
+
+    PYTHONPATH=. python benchmarks/experiments/int4_launch_probe.py
+"""
 import time, torch
 from nbtrt.backends import cuda_int4 as ci
 u = torch.randint(0, 16, (4096, 4096), device="cuda", dtype=torch.int32); w = ci.pack(u)

@@ -19,8 +19,9 @@ take 1.88 ms against tinygemm's 2.37 ms, and at batch 8 the step takes 2.8 ms ag
   and add up through shared memory.
 
 Registered as the custom op ``nbtrt::int4_mm``, so compiled graphs call it and CUDA graphs
-capture it; ``nbtrt::int4_dequantize`` writes the bf16 weight for a long prefill's cuBLAS call. Where NVRTC cannot compile it (no GPU of sm_80 or newer, no CUDA headers), the caller
-keeps tinygemm.
+capture it; ``nbtrt::int4_dequantize`` writes the bf16 weight for a long prefill's cuBLAS call.
+Where NVRTC cannot compile them (no GPU of sm_80 or newer, no CUDA headers), the caller keeps
+tinygemm.
 
 >>> y = torch.ops.nbtrt.int4_mm(x2, pack(u), scale.t().contiguous(), 128)  # doctest: +SKIP
 """
