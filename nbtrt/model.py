@@ -170,6 +170,9 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, T, cfg.q_size))
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -178,10 +181,12 @@ class MLP(nn.Module):
             self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act = {"silu": F.silu, "gelu": F.gelu,
-                    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.activation]
+        self.activation = cfg.activation
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
+        if hasattr(self, "gate_input"):  # a runtime's one kernel for act(gate(x)) * up(x) (torch backend, INT4)
+            return self.down(self.gate_input(x))
         h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
         return self.down(h)
 

@@ -333,6 +333,45 @@ def test_int4_mma_kernel_equals_dequantize_then_matmul(rows, out_features, in_fe
     assert rel_l2(x.float() @ weight.t(), got) <= 4e-3
 
 
+def test_gate_up_interleave_puts_a_tiles_gate_rows_over_its_up_rows():
+    """The fused INT4 MLP input's weight: each 16-row tile of the kernel holds 8 gate rows, then the
+    up rows of the same 8 outputs, so the tile's epilogue has both halves of act(gate) * up."""
+    from nbtrt.backends import cuda_int4
+
+    gate = torch.arange(16 * 3).view(16, 3)
+    up = -gate - 1
+    both = cuda_int4.interleave_gate_up(gate, up)
+    assert both.shape == (32, 3)
+    for tile in range(2):
+        assert torch.equal(both[16 * tile:16 * tile + 8], gate[8 * tile:8 * tile + 8])
+        assert torch.equal(both[16 * tile + 8:16 * tile + 16], up[8 * tile:8 * tile + 8])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("rows", [1, 5, 63, 80])
+def test_int4_gated_input_equals_its_two_projections(activation, rows):
+    """``act(gate(x)) * up(x)`` from the fused module (one launch, the activation applied in the
+    kernel; 64 rows or more: one dequantized matmul) equals the two INT4 linears and the
+    activation run apart."""
+    from nbtrt.backends.torch import Int4GatedInput, Int4WeightOnlyLinear
+    from nbtrt.model import ACTIVATIONS
+    from nbtrt.quantize.formats import quantize_int4
+
+    torch.manual_seed(0)
+    I, K, group = 1024, 512, 128
+    gate, up = (Int4WeightOnlyLinear(*quantize_int4(torch.randn(I, K, device="cuda") * 0.05, group), group, None,
+                                     torch.bfloat16) for _ in range(2))
+    assert Int4GatedInput.takes(gate, up, activation)
+    fused = Int4GatedInput(gate, up, activation)
+    x = torch.randn(1, rows, K, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = ACTIVATIONS[activation](gate(x)) * up(x)
+        got = fused(x)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert rel_l2(want, got) <= 5e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [2, 17, 63])
 def test_int8_triton_kernel_equals_dequantize_then_matmul(rows):
@@ -387,6 +426,8 @@ def test_quantized_cuda_warmup_compiles_the_prefill_of_every_row_range(tmp_path)
     engines = {quant: TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt, device="cuda", dtype="bfloat16"),
                                                max_input_len=80, max_seq_len=96, quant=quant)
                for quant in (None, "int8_wo", "int4_wo")}
+    layers = engines[None].config.num_layers
+    assert engines["int4_wo"].quant_report["fused_gate_up"] == layers
     tokens = torch.randint(0, 257, (70,)).tolist()
     compiled = {}
     for n in (5, 30, 70):

@@ -27,10 +27,9 @@ tinygemm.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
+
+from . import nvrtc
 
 MAX_ROWS = 8  # the B operand's columns
 CHUNK = 64  # inputs per lane load: four k-steps of 16
@@ -61,6 +60,18 @@ __device__ __forceinline__ float bf16_to_float(u16 h) { return __uint_as_float((
 __device__ __forceinline__ u16 float_to_bf16(float f) {  // round to nearest even
     u32 b = __float_as_uint(f);
     return (u16)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+__device__ __forceinline__ float activation(float x) {  // ACT: 1 silu, 2 gelu (erf), 3 gelu (tanh)
+#if ACT == 1
+    return x / (1.f + expf(-x));
+#elif ACT == 2
+    return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+#else
+    return 0.5f * x * (1.f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+#endif
 }
 
 // y[M, N] = x[M, K] @ W^T, W int4 [N, K] pre-shuffled by nbtrt's pack(), scales [K / GROUP, N]
@@ -98,6 +109,18 @@ int4_gemv(const uint4* __restrict__ w, const u16* __restrict__ scales, const u16
     part[warp][2 * t][g + 8] = acc[2];
     part[warp][2 * t + 1][g + 8] = acc[3];
     __syncthreads();
+#if ACT
+    // a gated MLP's input: tile rows 0-7 are gate rows, 8-15 the up rows of the same 8 outputs;
+    // y [M, N / 2] = act(gate) * up, rounded to bf16 at each step as the unfused ops round
+    for (int o = threadIdx.x; o < M * 8; o += WARPS * 32) {
+        const int m = o >> 3, r = o & 7;
+        float gate = 0.f, up = 0.f;
+        #pragma unroll
+        for (int i = 0; i < WARPS; ++i) { gate += part[i][m][r]; up += part[i][m][r + 8]; }
+        const float a = round_bf16(activation(round_bf16(gate)));
+        y[(size_t)m * (N / 2) + tile * 8 + r] = float_to_bf16(a * round_bf16(up));
+    }
+#else
     for (int o = threadIdx.x; o < M * 16; o += WARPS * 32) {
         const int m = o >> 4, r = o & 15;
         float s = 0.f;
@@ -105,6 +128,7 @@ int4_gemv(const uint4* __restrict__ w, const u16* __restrict__ scales, const u16
         for (int i = 0; i < WARPS; ++i) s += part[i][m][r];
         y[(size_t)m * N + tile * 16 + r] = float_to_bf16(s);
     }
+#endif
 }
 
 // the bf16 weight [N, K] (a prefill's cuBLAS operand): one thread per 16-byte load of int4_gemv,
@@ -152,27 +176,11 @@ def warps_for(out_features: int, in_features: int, group: int) -> int:
     return max(w for w in WARP_CHOICES if in_features % (w * group) == 0 and (w <= 4 or tiles * w <= WARPS_PER_GPU))
 
 
-@functools.cache
-def _compiled(warps: int, group: int, unroll: int = UNROLL, name: str = "int4_gemv"):
-    defines = f"#define WARPS {warps}\n#define GROUP {group}\n#define UNROLL {unroll}\n"
-    return torch.cuda._compile_kernel(defines + SOURCE, name)
+ACTIVATIONS = {"silu": 1, "gelu": 2, "gelu_tanh": 3}  # a gated MLP's, applied in the kernel's epilogue
 
 
-@functools.cache
-def _libcuda() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def _launch(kernel, blocks: int, threads: int, *args: torch.Tensor | int) -> None:
-    """Launch on the current stream with little host time: a prefill makes one call per linear,
-    outside any CUDA graph, and PyTorch's own launch call took 34.3 us of host time against 13.8 us
-    here (H200: benchmarks/experiments/int4_launch_probe.py)."""
-    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-    argv = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    err = _libcuda().cuLaunchKernel(kernel.func, blocks, 1, 1, threads, 1, 1, 0, stream, argv, None)
-    if err:
-        raise RuntimeError(f"cuLaunchKernel failed: CUDA error {err}")
+def _compiled(warps: int, group: int, unroll: int = UNROLL, name: str = "int4_gemv", act: int = 0):
+    return nvrtc.compile_kernel(SOURCE, name, WARPS=warps, GROUP=group, UNROLL=unroll, ACT=act)
 
 
 def unavailable_reason(device: torch.device, out_features: int, in_features: int, group: int) -> str | None:
@@ -225,27 +233,53 @@ def unpack(words: torch.Tensor, out_features: int, in_features: int) -> torch.Te
     return (words[index] >> shift) & 0xF
 
 
+def _gemv(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: int, act: int, op: str) -> torch.Tensor:
+    if x2.dtype != torch.bfloat16:
+        raise TypeError(f"{op} takes bf16 activations, got {x2.dtype}")
+    M, K = x2.shape
+    N = scales_t.shape[1]
+    warps = warps_for(N, K, group)
+    kernel = _compiled(warps, group, act=act)
+    x2 = x2.contiguous()
+    y = x2.new_empty(M, N // 2 if act else N)
+    for start in range(0, M, MAX_ROWS):
+        rows = min(MAX_ROWS, M - start)
+        nvrtc.launch(kernel, N // 16, warps * 32, words, scales_t, x2[start:start + rows], y[start:start + rows], rows, N, K)
+    return y
+
+
 @torch.library.custom_op("nbtrt::int4_mm", mutates_args=())
 def int4_mm(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: int) -> torch.Tensor:
     """``x2 [M, K]`` (bf16) times the packed int4 weight (:func:`pack`) -> ``[M, N]`` bf16;
     ``scales_t`` is the per-group scale transposed, ``[K / group, N]`` bf16. One launch per 8 rows."""
-    if x2.dtype != torch.bfloat16:
-        raise TypeError(f"nbtrt::int4_mm takes bf16 activations, got {x2.dtype}")
-    M, K = x2.shape
-    N = scales_t.shape[1]
-    warps = warps_for(N, K, group)
-    kernel = _compiled(warps, group)
-    x2 = x2.contiguous()
-    y = x2.new_empty(M, N)
-    for start in range(0, M, MAX_ROWS):
-        rows = min(MAX_ROWS, M - start)
-        _launch(kernel, N // 16, warps * 32, words, scales_t, x2[start:start + rows], y[start:start + rows], rows, N, K)
-    return y
+    return _gemv(x2, words, scales_t, group, 0, "nbtrt::int4_mm")
 
 
 @int4_mm.register_fake
 def _(x2, words, scales_t, group):
     return x2.new_empty(x2.shape[0], scales_t.shape[1])
+
+
+@torch.library.custom_op("nbtrt::int4_gated_mm", mutates_args=())
+def int4_gated_mm(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: int,
+                  activation: str) -> torch.Tensor:
+    """A gated MLP's input in one launch: ``act(x2 @ gate^T) * (x2 @ up^T)``, ``[M, N / 2]`` bf16,
+    from the weight :func:`interleave_gate_up` made (gate and up rows alternating by 8)."""
+    return _gemv(x2, words, scales_t, group, ACTIVATIONS[activation], "nbtrt::int4_gated_mm")
+
+
+@int4_gated_mm.register_fake
+def _(x2, words, scales_t, group, activation):
+    return x2.new_empty(x2.shape[0], scales_t.shape[1] // 2)
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Rows of ``gate`` and ``up`` (``[I, ...]`` each) alternating in blocks of 8 -> ``[2 I, ...]``:
+    each 16-row tile of the kernel then holds the gate and up rows of the same 8 outputs, so its
+    epilogue applies the activation. Works on nibbles [I, K] and on transposed scales alike
+    (``interleave_gate_up(g.t(), u.t()).t()``)."""
+    I = gate.shape[0]
+    return torch.stack([gate.reshape(I // 8, 8, -1), up.reshape(I // 8, 8, -1)], 1).reshape(2 * I, *gate.shape[1:])
 
 
 @torch.library.custom_op("nbtrt::int4_dequantize", mutates_args=())
@@ -258,7 +292,7 @@ def int4_dequantize(words: torch.Tensor, scales_t: torch.Tensor, group: int) -> 
     K = words.numel() * 8 // N
     out = scales_t.new_empty(N, K)
     threads = N * K // 32
-    _launch(_compiled(1, group, name="int4_dequant"), (threads + 255) // 256, 256, words, scales_t, out, N, K)
+    nvrtc.launch(_compiled(1, group, name="int4_dequant"), (threads + 255) // 256, 256, words, scales_t, out, N, K)
     return out
 
 

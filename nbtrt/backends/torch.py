@@ -41,7 +41,7 @@ from ..checkpoint import WEIGHTS
 from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
-from ..model import TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
+from ..model import ACTIVATIONS, TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
 from . import cuda_int4, inductor_timing, triton_int8
 
 # From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
@@ -231,6 +231,47 @@ class Int4WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int4GatedInput(nn.Module):
+    """A gated MLP's two INT4 projections and its activation as one module, ``act(gate(x)) * up(x)``,
+    for nbtrt's INT4 kernel: one launch reads both weights (rows interleaved by
+    :func:`cuda_int4.interleave_gate_up`) and applies the activation before it writes, where the
+    unfused step took two launches and a third kernel for the activation. ``MANY_ROWS`` rows or
+    more: the interleaved weight dequantized, one cuBLAS matmul, then the activation."""
+
+    def __init__(self, gate: Int4WeightOnlyLinear, up: Int4WeightOnlyLinear, activation: str):
+        super().__init__()
+        I, K = gate.out_features, gate.in_features
+        nibbles = cuda_int4.interleave_gate_up(cuda_int4.unpack(gate.packed, I, K), cuda_int4.unpack(up.packed, I, K))
+        self.register_buffer("packed", cuda_int4.pack(nibbles))
+        self.register_buffer("scales", cuda_int4.interleave_gate_up(gate.scales.t(), up.scales.t()).t().contiguous())
+        self.register_buffer("pre_quant_scale", gate.pre_quant_scale)
+        self.group_size, self.in_features, self.out_features, self.activation = gate.group_size, K, I, activation
+        self.act = ACTIVATIONS[activation]
+
+    @staticmethod
+    def takes(gate: nn.Module, up: nn.Module, activation: str) -> bool:
+        """Whether ``gate`` and ``up`` fuse: both on nbtrt's INT4 kernel, alike, without biases."""
+        alike = (isinstance(gate, Int4WeightOnlyLinear) and isinstance(up, Int4WeightOnlyLinear) and gate.mma and up.mma
+                 and gate.bias is None and up.bias is None and gate.group_size == up.group_size
+                 and gate.packed.shape == up.packed.shape and activation in cuda_int4.ACTIVATIONS)
+        if not alike or (gate.pre_quant_scale is None) != (up.pre_quant_scale is None):
+            return False
+        return gate.pre_quant_scale is None or torch.equal(gate.pre_quant_scale, up.pre_quant_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        I = self.out_features
+        if x2.shape[0] < MANY_ROWS:
+            h = torch.ops.nbtrt.int4_gated_mm(x2, self.packed, self.scales, self.group_size, self.activation)
+        else:
+            both = F.linear(x2, torch.ops.nbtrt.int4_dequantize(self.packed, self.scales, self.group_size))
+            both = both.view(-1, I // 8, 2, 8)
+            h = self.act(both[:, :, 0].reshape(-1, I)) * both[:, :, 1].reshape(-1, I)
+        return h.to(x.dtype).reshape(*x.shape[:-1], I)
+
+
 def _act_scale(x2: torch.Tensor, static: torch.Tensor | None, qmax: float) -> torch.Tensor:
     """The activation scale: calibrated per tensor, or per token at run time ([M, 1])."""
     if static is not None:
@@ -377,7 +418,8 @@ def _swap_in(model: nn.Module, selected: Callable[[nn.Module], bool],
             model.set_submodule(name, fast)
             done += 1
     _realize_down_inputs(model)
-    return {"quantized": done, "kept": kept}
+    fused = _fuse_gate_up(model)
+    return {"quantized": done, "kept": kept, **({"fused_gate_up": fused} if fused else {})}
 
 
 def _realize_down_inputs(model: nn.Module) -> None:
@@ -388,6 +430,20 @@ def _realize_down_inputs(model: nn.Module) -> None:
     for mlp in (m for m in model.modules() if isinstance(m, MLP)):
         if isinstance(mlp.down, Int8WeightOnlyLinear):
             mlp.down.realize_input = True
+
+
+def _fuse_gate_up(model: nn.Module) -> int:
+    """Each gated MLP whose gate and up projections both run nbtrt's INT4 kernel gets them as one
+    :class:`Int4GatedInput` (``mlp.gate_input``; ``mlp.gate`` and ``mlp.up`` go). Returns how many."""
+    from ..model import MLP
+
+    fused = 0
+    for mlp in (m for m in model.modules() if isinstance(m, MLP)):
+        if mlp.gated and Int4GatedInput.takes(mlp.gate, mlp.up, mlp.activation):
+            mlp.gate_input = Int4GatedInput(mlp.gate, mlp.up, mlp.activation)
+            del mlp.gate, mlp.up
+            fused += 1
+    return fused
 
 
 def decode_weight_bytes(model: nn.Module) -> int:
