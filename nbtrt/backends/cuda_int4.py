@@ -5,8 +5,9 @@ that dequantizes into the tensor cores' operands, compiled at run time by NVRTC 
 Why: a decode step streams every weight once, so its time is the weight bytes. tinygemm, PyTorch's
 INT4 kernel, reached 1.3-1.95 TB/s on an H100 with the 8B model's shapes (3.0 TB/s copy), and its
 time grows with the rows. In the 8B model's batch-1 decode step on an H100 this kernel's 161 calls
-take 1.88 ms against tinygemm's 2.37 ms, and at batch 8 the step takes 2.8 ms against 6.1 ms
-(README, "INT4 on nbtrt's own kernel"). It is laid out Marlin-style:
+took 1.88 ms against tinygemm's 2.37 ms (129 calls, 1.85 ms, with gate and up as one), and at
+batch 8 the step takes 2.8 ms against 6.1 ms (README, "INT4 on nbtrt's own kernel"). It is laid
+out Marlin-style:
 
 - each warp multiplies a 16-row tile of the weight with ``mma.m16n8k16`` (bf16 in, fp32 out); the
   activations are the 8 columns of the B operand, so 1 to 8 rows cost the same (more rows: one
@@ -19,7 +20,9 @@ take 1.88 ms against tinygemm's 2.37 ms, and at batch 8 the step takes 2.8 ms ag
   and add up through shared memory.
 
 Registered as the custom op ``nbtrt::int4_mm``, so compiled graphs call it and CUDA graphs
-capture it; ``nbtrt::int4_dequantize`` writes the bf16 weight for a long prefill's cuBLAS call.
+capture it; ``nbtrt::int4_gated_mm`` is a gated MLP's input, gate and up rows interleaved by 8
+(:func:`interleave_gate_up`) and the activation applied before the write;
+``nbtrt::int4_dequantize`` writes the bf16 weight for a long prefill's cuBLAS call.
 Where NVRTC cannot compile them (no GPU of sm_80 or newer, no CUDA headers), the caller keeps
 tinygemm.
 
@@ -244,7 +247,8 @@ def _gemv(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: 
     y = x2.new_empty(M, N // 2 if act else N)
     for start in range(0, M, MAX_ROWS):
         rows = min(MAX_ROWS, M - start)
-        nvrtc.launch(kernel, N // 16, warps * 32, words, scales_t, x2[start:start + rows], y[start:start + rows], rows, N, K)
+        nvrtc.launch(kernel, N // 16, warps * 32, words, scales_t, x2[start:start + rows], y[start:start + rows],
+                     rows, N, K)
     return y
 
 

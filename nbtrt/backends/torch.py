@@ -13,8 +13,9 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   (tinygemm, ``_scaled_mm``, ``_int_mm``) or nbtrt's own; for the batch-1 decode GEMV Inductor
   fuses the INT8 dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm``
   with M=1 into one), INT8 with a few rows takes a Triton kernel (``triton_int8``), INT4 with a
-  few rows a CUDA kernel compiled by NVRTC (``cuda_int4``), and weight-only calls of
-  ``MANY_ROWS`` rows or more dequantize inside the graph, then call cuBLAS.
+  few rows a CUDA kernel compiled by NVRTC (``cuda_int4``; a gated MLP's gate and up become one
+  ``Int4GatedInput`` on it), and weight-only calls of ``MANY_ROWS`` rows or more dequantize
+  inside the graph, then call cuBLAS.
 
 Inductor tunes every kernel it generates the first time it runs; on CUDA the engine has it time
 them as the graph runs them, without the host's launch (``inductor_timing``). Inductor's on-disk
@@ -236,7 +237,10 @@ class Int4GatedInput(nn.Module):
     for nbtrt's INT4 kernel: one launch reads both weights (rows interleaved by
     :func:`cuda_int4.interleave_gate_up`) and applies the activation before it writes, where the
     unfused step took two launches and a third kernel for the activation. ``MANY_ROWS`` rows or
-    more: the interleaved weight dequantized, one cuBLAS matmul, then the activation."""
+    more: the interleaved weight dequantized, one cuBLAS matmul, then the activation.
+
+    >>> mlp.gate_input = Int4GatedInput(mlp.gate, mlp.up, "silu")  # what the engine does  # doctest: +SKIP
+    """
 
     def __init__(self, gate: Int4WeightOnlyLinear, up: Int4WeightOnlyLinear, activation: str):
         super().__init__()
