@@ -179,7 +179,7 @@ def warps_for(out_features: int, in_features: int, group: int) -> int:
     return max(w for w in WARP_CHOICES if in_features % (w * group) == 0 and (w <= 4 or tiles * w <= WARPS_PER_GPU))
 
 
-ACTIVATIONS = {"silu": 1, "gelu": 2, "gelu_tanh": 3}  # a gated MLP's, applied in the kernel's epilogue
+ACTIVATION_CODES = {"silu": 1, "gelu": 2, "gelu_tanh": 3}  # the kernel's ACT: a gated MLP's, in its epilogue
 
 
 def _compiled(warps: int, group: int, unroll: int = UNROLL, name: str = "int4_gemv", act: int = 0):
@@ -269,7 +269,7 @@ def int4_gated_mm(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor,
                   activation: str) -> torch.Tensor:
     """A gated MLP's input in one launch: ``act(x2 @ gate^T) * (x2 @ up^T)``, ``[M, N / 2]`` bf16,
     from the weight :func:`interleave_gate_up` made (gate and up rows alternating by 8)."""
-    return _gemv(x2, words, scales_t, group, ACTIVATIONS[activation], "nbtrt::int4_gated_mm")
+    return _gemv(x2, words, scales_t, group, ACTIVATION_CODES[activation], "nbtrt::int4_gated_mm")
 
 
 @int4_gated_mm.register_fake

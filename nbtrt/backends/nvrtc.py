@@ -21,6 +21,9 @@ def compile_kernel(source: str, name: str, **defines: int):
     return torch.cuda._compile_kernel(header + source, name)
 
 
+_C_TYPES = {int: ctypes.c_int, float: ctypes.c_float}
+
+
 @functools.cache
 def _libcuda() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
@@ -31,8 +34,7 @@ def launch(kernel, blocks: int, threads: int, *args: torch.Tensor | int | float)
     as C ``float``. A prefill makes one call per linear, outside any CUDA graph, and PyTorch's own
     launch call took 34.3 us of host time against 13.8 us here (H200:
     benchmarks/experiments/int4_launch_probe.py)."""
-    kinds = {int: ctypes.c_int, float: ctypes.c_float}
-    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else kinds[type(a)](a) for a in args]
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else _C_TYPES[type(a)](a) for a in args]
     argv = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
     err = _libcuda().cuLaunchKernel(kernel.func, blocks, 1, 1, threads, 1, 1, 0, stream, argv, None)

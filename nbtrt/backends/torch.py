@@ -250,17 +250,17 @@ class Int4GatedInput(nn.Module):
         self.register_buffer("scales", cuda_int4.interleave_gate_up(gate.scales.t(), up.scales.t()).t().contiguous())
         self.register_buffer("pre_quant_scale", gate.pre_quant_scale)
         self.group_size, self.in_features, self.out_features, self.activation = gate.group_size, K, I, activation
-        self.act = ACTIVATIONS[activation]
 
     @staticmethod
     def takes(gate: nn.Module, up: nn.Module, activation: str) -> bool:
         """Whether ``gate`` and ``up`` fuse: both on nbtrt's INT4 kernel, alike, without biases."""
-        alike = (isinstance(gate, Int4WeightOnlyLinear) and isinstance(up, Int4WeightOnlyLinear) and gate.mma and up.mma
-                 and gate.bias is None and up.bias is None and gate.group_size == up.group_size
-                 and gate.packed.shape == up.packed.shape and activation in cuda_int4.ACTIVATIONS)
-        if not alike or (gate.pre_quant_scale is None) != (up.pre_quant_scale is None):
+        if not (isinstance(gate, Int4WeightOnlyLinear) and isinstance(up, Int4WeightOnlyLinear)):
             return False
-        return gate.pre_quant_scale is None or torch.equal(gate.pre_quant_scale, up.pre_quant_scale)
+        a, b = gate.pre_quant_scale, up.pre_quant_scale  # AWQ: one input, so one scale for both
+        same_input_scale = a is b or (a is not None and b is not None and torch.equal(a, b))
+        return (gate.mma and up.mma and gate.bias is None and up.bias is None and gate.group_size == up.group_size
+                and gate.packed.shape == up.packed.shape and activation in cuda_int4.ACTIVATION_CODES
+                and same_input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
@@ -272,7 +272,7 @@ class Int4GatedInput(nn.Module):
         else:
             both = F.linear(x2, torch.ops.nbtrt.int4_dequantize(self.packed, self.scales, self.group_size))
             both = both.view(-1, I // 8, 2, 8)
-            h = self.act(both[:, :, 0].reshape(-1, I)) * both[:, :, 1].reshape(-1, I)
+            h = ACTIVATIONS[self.activation](both[:, :, 0].reshape(-1, I)) * both[:, :, 1].reshape(-1, I)
         return h.to(x.dtype).reshape(*x.shape[:-1], I)
 
 
