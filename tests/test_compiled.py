@@ -189,6 +189,25 @@ def test_cuda_graph_engine_matches_hf_bf16(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prefill_attention_is_not_cudnns(tiny):
+    """cuDNN's attention plans each new prompt length anew (README, "The first token"): the
+    compiled prefill, causal and padded, runs flash or memory-efficient attention instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(tiny[1], device="cuda", dtype="bfloat16"),
+                                      max_batch_size=2, max_seq_len=32)
+    _, ids, mask, _ = _batch()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for m in (torch.ones_like(mask), mask):  # causal, then padded (an explicit mask)
+            engine.begin(2)
+            engine.step(ids.cuda(), m.cuda())
+    ops = {e.key for e in prof.key_averages()}
+    assert not [op for op in ops if "cudnn_attention" in op]
+    assert {op for op in ops if "flash_attention" in op or "efficient_attention" in op}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_generation_queued_ahead_equals_step_by_step(tiny):
     """On CUDA the loop queues each next step before it copies this step's tokens back."""
     engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(tiny[1], device="cuda", dtype="bfloat16"),
