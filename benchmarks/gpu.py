@@ -194,6 +194,25 @@ def sdpa_decode(enabled: bool = True):
         torch_backend._decode_block = saved
 
 
+def llama8b_random(quick: bool) -> Decoder:
+    """The llama-3.1-8b config (``quick``: shrunk) in bf16 on the device, its matrices N(0, 0.02)."""
+    cfg_hf = real_config("llama-3.1-8b", quick).to_dict()
+    cfg = architecture_for(cfg_hf).config_from_hf(cfg_hf, "bfloat16")
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = Decoder(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    return model
+
+
 # ------------------------------------------------------------------------------ sections
 def sec_ceilings(R, quick):
     n = (1 << 26) if quick else (1 << 30)  # elements of bf16: 2 GiB on GPU
@@ -403,22 +422,9 @@ def sec_kernels(R, quick):
 def sec_llama8b(R, quick, formats):
     prompt, new, reps = (32, 16, 2) if quick else (128, 256, 3)
     pre_len = 256 if quick else 2048
-    cfg_hf = real_config("llama-3.1-8b", quick).to_dict()
-    arch = architecture_for(cfg_hf)
-    cfg = arch.config_from_hf(cfg_hf, "bfloat16")
-    torch.manual_seed(0)
     t = time.perf_counter()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEV):
-            model = Decoder(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
+    model = llama8b_random(quick)
+    cfg = model.cfg
     out = {"config": cfg.to_dict(), "init_seconds": time.perf_counter() - t, "prompt": prompt, "new_tokens": new}
     ceil = R.get("ceilings", {})
     variants = {}

@@ -13,10 +13,8 @@ import time
 
 import torch
 
-from benchmarks.gpu import DEV, free, profile_kernels, real_config, shared_copy, sync
+from benchmarks.gpu import DEV, free, llama8b_random, profile_kernels, shared_copy, sync
 from nbtrt.backends.torch import _LIMIT_KEY, DYNAMO_RECOMPILE_LIMIT, TorchEngine
-from nbtrt.mapping import architecture_for
-from nbtrt.model import Decoder
 
 PROMPT, CALLS = 128, 7
 VARIANTS = [(None, {}), (None, {"cpp_wrapper": True}), ("int4_wo", {}), ("int4_wo", {"cpp_wrapper": True}),
@@ -34,24 +32,6 @@ def host_profile(fn) -> list[dict]:
         sync()
     rows = [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in prof.key_averages()]
     return sorted(rows, key=lambda r: -r["self_cpu_ms"])[:25]
-
-
-def build_model() -> Decoder:
-    hf = real_config("llama-3.1-8b", False).to_dict()
-    cfg = architecture_for(hf).config_from_hf(hf, "bfloat16")
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEV):
-            model = Decoder(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    return model
 
 
 def piece_host_ms(eng, ids) -> dict[str, list[float]]:
@@ -81,7 +61,7 @@ def piece_host_ms(eng, ids) -> dict[str, list[float]]:
 
 def main(out):
     R = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "prompt": PROMPT}
-    model = build_model()
+    model = llama8b_random(quick=False)
     ids = torch.randint(0, model.cfg.vocab_size, (1, PROMPT), device=DEV)
     for quant, options in VARIANTS:
         name = (quant or "bf16") + ("+" + "+".join(options) if options else "")
