@@ -189,13 +189,16 @@ def test_cuda_graph_engine_matches_hf_bf16(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_prefill_attention_is_not_cudnns(tiny):
+def test_cuda_prefill_attention_is_not_cudnns(tmp_path):
     """cuDNN's attention plans each new prompt length anew (README, "The first token"): the
-    compiled prefill, causal and padded, runs flash or memory-efficient attention instead."""
+    compiled prefill, causal and padded, runs flash or memory-efficient attention instead. Heads
+    of 128 dimensions, as the 8B config's, where PyTorch would pick cuDNN's on an H100."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(tiny[1], device="cuda", dtype="bfloat16"),
-                                      max_batch_size=2, max_seq_len=32)
+    src = tiny_hf_model(ARCH, tmp_path / "hf", hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=128)
+    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(nbtrt.convert(src, tmp_path / "ckpt"), device="cuda",
+                                                               dtype="bfloat16"), max_batch_size=2, max_seq_len=32)
     _, ids, mask, _ = _batch()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for m in (torch.ones_like(mask), mask):  # causal, then padded (an explicit mask)
