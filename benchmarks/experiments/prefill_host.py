@@ -46,8 +46,9 @@ def piece_host_ms(eng, ids) -> dict[str, list[float]]:
         pieces[piece].append((time.perf_counter() - t) * 1e3)
         return out
 
-    position, mask = torch.arange(0, PROMPT, device=DEV), torch.ones_like(ids)
     with torch.inference_mode(), torch._dynamo.config.patch(**{_LIMIT_KEY: DYNAMO_RECOMPILE_LIMIT}):
+        # made here: tensors from outside inference mode would compile the pieces again
+        position, mask = torch.arange(0, PROMPT, device=DEV), torch.ones_like(ids)
         for _ in range(3):
             eng.begin(1)
             sync()
