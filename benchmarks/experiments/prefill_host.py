@@ -95,8 +95,8 @@ def main(out):
         prof = profile_kernels(prefill, 1, top=8)
         cpu = host_profile(prefill)
         row = {"compile_s": compile_s, "host_top_ops": cpu, "host_ms": host, "gpu_ms": gpu,
-               "host_ms_median": statistics.median(host), "gpu_ms_median": statistics.median(gpu), "kernels_ms": prof[0]["total_us"] / 1e3,
-               "kernel_count": prof[0]["kernels"], "top_kernels": prof[1:],
+               "host_ms_median": statistics.median(host), "gpu_ms_median": statistics.median(gpu),
+               "kernels_ms": prof[0]["total_us"] / 1e3, "kernel_count": prof[0]["kernels"], "top_kernels": prof[1:],
                "piece_host_ms_median": {k: statistics.median(v) for k, v in pieces.items()},
                "block_host_ms_sum": sum(pieces["block"]) / 3}
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
