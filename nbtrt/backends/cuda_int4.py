@@ -5,7 +5,7 @@ that dequantizes into the tensor cores' operands, compiled at run time by NVRTC 
 Why: a decode step streams every weight once, so its time is the weight bytes. tinygemm, PyTorch's
 INT4 kernel, reached 1.3-1.95 TB/s on an H100 with the 8B model's shapes (3.0 TB/s copy), and its
 time grows with the rows. In the 8B model's batch-1 decode step on an H100 this kernel's 161 calls
-took 1.88 ms against tinygemm's 2.37 ms (129 calls, 1.85 ms, with gate and up as one), and at
+took 1.88 ms against tinygemm's 2.37 ms; with gate and up as one, 129 calls take 1.65 ms. At
 batch 8 the step takes 2.8 ms against 6.1 ms (README, "INT4 on nbtrt's own kernel"). It is laid
 out Marlin-style:
 
@@ -38,7 +38,7 @@ MAX_ROWS = 8  # the B operand's columns
 CHUNK = 64  # inputs per lane load: four k-steps of 16
 WARP_CHOICES = (16, 8, 4, 2, 1)  # warps per block
 WARPS_PER_GPU = 4096  # split the inputs over more warps only up to this many in the grid
-UNROLL = 4  # groups whose loads a warp issues before it waits
+UNROLL = 1  # groups a warp's loop unrolls: under the kernel's bounds, 2-8 were no faster (int4_regs_probe)
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -77,8 +77,15 @@ __device__ __forceinline__ float activation(float x) {  // ACT: 1 silu, 2 gelu (
 #endif
 }
 
-// y[M, N] = x[M, K] @ W^T, W int4 [N, K] pre-shuffled by nbtrt's pack(), scales [K / GROUP, N]
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+// The weight is read once a step: evict-first loads leave the L2 to the activations and scales.
+#define LOAD_WEIGHT(p) __ldcs(p)
+
+// y[M, N] = x[M, K] @ W^T, W int4 [N, K] pre-shuffled by nbtrt's pack(), scales [K / GROUP, N].
+// The bounds' minimum of one block an SM lets the compiler schedule for latency, not occupancy.
+// With it, evict-first loads and no unroll, each call on the 8B decode shapes took 8-13 % less
+// time than with the thread count alone, plain loads and 4 groups unrolled (H100;
+// benchmarks/experiments/int4_regs_probe.py, int4_loads_ab.py).
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
 int4_gemv(const uint4* __restrict__ w, const u16* __restrict__ scales, const u16* __restrict__ x,
           u16* __restrict__ y, int M, int N, int K) {
     const int CPG = GROUP / 64;  // chunks per group
@@ -95,7 +102,7 @@ int4_gemv(const uint4* __restrict__ w, const u16* __restrict__ scales, const u16
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         #pragma unroll
         for (int i = 0; i < CPG; ++i) {
-            const uint4 q = wp[(c + i) * 32];
+            const uint4 q = LOAD_WEIGHT(wp + (c + i) * 32);
             const uint4 xa = live ? xp[(c + i) * 8] : zero, xb = live ? xp[(c + i) * 8 + 1] : zero;
             mma_word(d, q.x, xa.x, xa.y);
             mma_word(d, q.y, xa.z, xa.w);
