@@ -90,13 +90,29 @@ def variant_source() -> str:
     return source + READ
 
 
+def random_int4(N: int, K: int, copies: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``copies`` random packed [N, K] weights and their scales, on the GPU."""
+    words = [torch.randint(-2**31, 2**31 - 1, (N * K // 8,), dtype=torch.int32, device="cuda")
+             for _ in range(copies)]
+    scales = [(torch.rand(K // GROUP, N, device="cuda") / 50).bfloat16() for _ in range(copies)]
+    return words, scales
+
+
+def print_row(name: str, row: dict) -> None:
+    print(name, json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def write_json(R: dict, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            json.dump(R, f, indent=1)
+
+
 def main(out):
     source = variant_source()
     R = {"device": torch.cuda.get_device_name(), "calls_per_graph": CALLS, "rows": 1}
     for name, (N, K, act) in SHAPES.items():
-        words = [torch.randint(-2**31, 2**31 - 1, (N * K // 8,), dtype=torch.int32, device="cuda")
-                 for _ in range(CALLS)]
-        scales = [(torch.rand(K // GROUP, N, device="cuda") / 50).bfloat16() for _ in range(CALLS)]
+        words, scales = random_int4(N, K, CALLS)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, N // 2 if act else N, device="cuda", dtype=torch.bfloat16)
         sink = torch.zeros(N // 16, dtype=torch.int32, device="cuda")
@@ -128,13 +144,11 @@ def main(out):
         row["shipped_tb_s"] = row["bytes_per_call"] / row["shipped_us"] / 1e6
         row["gemv_best_tb_s"] = row["bytes_per_call"] / gemv_best[0] / 1e6
         row["read_best_tb_s"] = N * K / 2 / read_best[0] / 1e6
-        print(name, json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        print_row(name, row)
         R[name] = row
         del words, scales
         torch.cuda.empty_cache()
-    if out:
-        with open(out, "w") as f:
-            json.dump(R, f, indent=1)
+    write_json(R, out)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ the two write the same bits.
     PYTHONPATH=. python benchmarks/experiments/int4_loads_ab.py [out.json]
 """
 import itertools
-import json
 import sys
 
 import torch
 
 from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
-from benchmarks.experiments.int4_layout_probe import GROUP, variant_source
+from benchmarks.experiments.int4_layout_probe import GROUP, print_row, random_int4, variant_source, write_json
 from benchmarks.experiments.int4_occupancy import CU_FUNC_ATTRIBUTE_NUM_REGS, attribute
 from benchmarks.experiments.int4_regs_probe import CALLS_OF, SHAPES
 from nbtrt.backends import cuda_int4, nvrtc
@@ -23,9 +22,7 @@ def main(out):
     R = {"device": torch.cuda.get_device_name(), "calls_per_graph": CALLS}
     for name, (N, K, act) in SHAPES.items():
         copies = CALLS_OF.get(name, CALLS)
-        words = [torch.randint(-2**31, 2**31 - 1, (N * K // 8,), dtype=torch.int32, device="cuda")
-                 for _ in range(copies)]
-        scales = [(torch.rand(K // GROUP, N, device="cuda") / 50).bfloat16() for _ in range(copies)]
+        words, scales = random_int4(N, K, copies)
         warps = cuda_int4.warps_for(N, K, GROUP)
         kernels = {"before": nvrtc.compile_kernel(before_source, "int4_gemv", WARPS=warps, GROUP=GROUP, UNROLL=4,
                                                   ACT=act, LAYOUT=0, HINT=0),
@@ -45,13 +42,11 @@ def main(out):
 
                 row[f"{tag}_M{rows}_us"] = graph_us(call)
             row[f"same_bits_M{rows}"] = bool(torch.equal(ys["before"], ys["after"]))
-        print(name, json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        print_row(name, row)
         R[name] = row
         del words, scales
         torch.cuda.empty_cache()
-    if out:
-        with open(out, "w") as f:
-            json.dump(R, f, indent=1)
+    write_json(R, out)
 
 
 if __name__ == "__main__":

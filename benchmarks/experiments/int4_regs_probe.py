@@ -10,13 +10,12 @@ spilled bytes, blocks an SM and microseconds a call.
     PYTHONPATH=. python benchmarks/experiments/int4_regs_probe.py [out.json]
 """
 import itertools
-import json
 import sys
 
 import torch
 
 from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
-from benchmarks.experiments.int4_layout_probe import GROUP, SHAPES, variant_source
+from benchmarks.experiments.int4_layout_probe import GROUP, SHAPES, print_row, random_int4, variant_source, write_json
 from benchmarks.experiments.int4_occupancy import (CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS,
                                                    attribute, blocks_per_sm)
 from nbtrt.backends import nvrtc
@@ -30,9 +29,7 @@ def main(out):
     R = {"device": torch.cuda.get_device_name(), "calls_per_graph": CALLS, "rows": 1, "layout": "tile"}
     for name, (N, K, act) in SHAPES.items():
         copies = CALLS_OF.get(name, CALLS)
-        words = [torch.randint(-2**31, 2**31 - 1, (N * K // 8,), dtype=torch.int32, device="cuda")
-                 for _ in range(copies)]
-        scales = [(torch.rand(K // GROUP, N, device="cuda") / 50).bfloat16() for _ in range(copies)]
+        words, scales = random_int4(N, K, copies)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, N // 2 if act else N, device="cuda", dtype=torch.bfloat16)
         row = {"bytes_per_call": N * K // 2 + K // GROUP * N * 2}
@@ -54,13 +51,11 @@ def main(out):
                 "blocks_per_sm": blocks_per_sm(kernel, warps * 32), "us": round(graph_us(call), 2)}
         best = min((v["us"], k) for k, v in row.items() if isinstance(v, dict))
         row["best"], row["best_tb_s"] = best[1], row["bytes_per_call"] / best[0] / 1e6
-        print(name, json.dumps(row), flush=True)
+        print_row(name, row)
         R[name] = row
         del words, scales
         torch.cuda.empty_cache()
-    if out:
-        with open(out, "w") as f:
-            json.dump(R, f, indent=1)
+    write_json(R, out)
 
 
 if __name__ == "__main__":
