@@ -355,6 +355,21 @@ def test_int4_mma_kernel_equals_dequantize_then_matmul(rows, out_features, in_fe
     assert rel_l2(x.float() @ weight.t(), got) <= 4e-3
 
 
+def test_dependent_launch_structs_have_cuda_h_layout():
+    """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute by offset, as cuda.h lays them out
+    on 64-bit hosts; the attribute is CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6), on."""
+    import ctypes
+
+    from nbtrt.backends import nvrtc
+
+    config = nvrtc._LaunchConfig
+    fields = ("grid", "block", "shared_bytes", "stream", "attrs", "num_attrs")
+    assert [getattr(config, f).offset for f in fields] == [0, 12, 24, 32, 40, 48] and ctypes.sizeof(config) == 56
+    attribute = nvrtc._LaunchAttribute
+    assert (attribute.id.offset, attribute.value.offset, ctypes.sizeof(attribute)) == (0, 8, 72)
+    assert (nvrtc._DEPENDENT.id, nvrtc._DEPENDENT.value) == (6, 1)
+
+
 def test_gate_up_interleave_puts_a_tiles_gate_rows_over_its_up_rows():
     """The fused INT4 MLP input's weight: each 16-row tile of the kernel holds 8 gate rows, then the
     up rows of the same 8 outputs, so the tile's epilogue has both halves of act(gate) * up."""

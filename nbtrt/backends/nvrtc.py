@@ -29,14 +29,35 @@ def _libcuda() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
-def launch(kernel, blocks: int, threads: int, *args: torch.Tensor | int | float) -> None:
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte union at offset 8
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_DEPENDENT = _LaunchAttribute(id=6, value=1)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: allowed
+
+
+def launch(kernel, blocks: int, threads: int, *args: torch.Tensor | int | float, dependent: bool = False) -> None:
     """Launch on the current stream: tensors pass their device pointers, ints as C ``int``, floats
     as C ``float``. A prefill makes one call per linear, outside any CUDA graph, and PyTorch's own
     launch call took 34.3 us of host time against 13.8 us here (H200:
-    benchmarks/experiments/int4_launch_probe.py)."""
+    benchmarks/experiments/int4_launch_probe.py).
+
+    ``dependent`` (sm_90 and newer): programmatic dependent launch. The kernel may start while the
+    one before it on the stream is still running, so it must execute ``griddepcontrol.wait``
+    before it touches anything that kernel reads or writes."""
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else _C_TYPES[type(a)](a) for a in args]
     argv = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    err = _libcuda().cuLaunchKernel(kernel.func, blocks, 1, 1, threads, 1, 1, 0, stream, argv, None)
+    if dependent:
+        config = _LaunchConfig((ctypes.c_uint * 3)(blocks, 1, 1), (ctypes.c_uint * 3)(threads, 1, 1), 0, stream,
+                               ctypes.pointer(_DEPENDENT), 1)
+        err = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, argv, None)
+    else:
+        err = _libcuda().cuLaunchKernel(kernel.func, blocks, 1, 1, threads, 1, 1, 0, stream, argv, None)
     if err:
-        raise RuntimeError(f"cuLaunchKernel failed: CUDA error {err}")
+        raise RuntimeError(f"cuLaunchKernel{'Ex' if dependent else ''} failed: CUDA error {err}")
