@@ -1,7 +1,8 @@
 """nbtrt's INT4 kernel before and after int4_regs_probe's findings (launch bounds of one block an
 SM, evict-first weight loads, no unroll of the group loop) on the 8B decode shapes and the lm_head,
 1 and 8 rows, in CUDA graphs as in int4_layout_probe: microseconds a call, registers, and whether
-the two write the same bits.
+the two write the same bits. "After" is the shipped kernel, launched plainly (since the decode's
+dependent launches it also holds their no-op-when-plain ``griddepcontrol`` and L2 prefetch).
 
     PYTHONPATH=. python benchmarks/experiments/int4_loads_ab.py [out.json]
 """

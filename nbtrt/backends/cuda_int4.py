@@ -206,8 +206,8 @@ ACTIVATION_CODES = {"silu": 1, "gelu": 2, "gelu_tanh": 3}  # the kernel's ACT: a
 def dependent_launch(device_index: int) -> bool:
     """Whether the GEMV is launched as a programmatic dependent launch on this GPU (sm_90 or newer:
     ``griddepcontrol``). With Inductor's decode kernels launched the same way (``TorchEngine``), the
-    8B INT4 decode took 2.15-2.18 ms a token against 2.32-2.35 ms (H100,
-    ``benchmarks/results/gpu_pdl_*``)."""
+    8B INT4 decode took 2.15-2.18 ms a token against 2.32-2.35 ms, or 2.28 ms after an INT8 engine
+    in the same process (H100, ``benchmarks/results/gpu_pdl_*``)."""
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
