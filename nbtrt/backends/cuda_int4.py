@@ -211,10 +211,14 @@ def dependent_launch(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def _compiled(warps: int, group: int, unroll: int = UNROLL, name: str = "int4_gemv", act: int = 0):
+def _compiled(warps: int, group: int, unroll: int = UNROLL, name: str = "int4_gemv", act: int = 0,
+              dependent: bool | None = None):
+    # dependent: with griddepcontrol, as a kernel launched dependent must be (default: whether the
+    # current GPU launches it so)
+    if dependent is None:
+        dependent = dependent_launch(torch.cuda.current_device())
     return nvrtc.compile_kernel(SOURCE, name, WARPS=warps, GROUP=group, UNROLL=unroll, ACT=act,
-                                DEPENDENT_LAUNCH=int(dependent_launch(torch.cuda.current_device())),
-                                PREFETCH_CHUNKS=PREFETCH_CHUNKS)
+                                DEPENDENT_LAUNCH=int(dependent), PREFETCH_CHUNKS=PREFETCH_CHUNKS)
 
 
 def unavailable_reason(device: torch.device, out_features: int, in_features: int, group: int) -> str | None:
@@ -273,8 +277,8 @@ def _gemv(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: 
     M, K = x2.shape
     N = scales_t.shape[1]
     warps = warps_for(N, K, group)
-    kernel = _compiled(warps, group, act=act)
     dependent = dependent_launch(x2.device.index)
+    kernel = _compiled(warps, group, act=act, dependent=dependent)
     x2 = x2.contiguous()
     y = x2.new_empty(M, N // 2 if act else N)
     for start in range(0, M, MAX_ROWS):
