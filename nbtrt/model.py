@@ -185,7 +185,7 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
-        if hasattr(self, "gate_input"):  # a runtime's one kernel for act(gate(x)) * up(x) (torch backend, INT4)
+        if hasattr(self, "gate_input"):  # a runtime's one kernel for act(gate(x)) * up(x) (torch backend, INT4 / INT8)
             return self.down(self.gate_input(x))
         h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
         return self.down(h)

@@ -409,6 +409,60 @@ def test_int4_gated_input_equals_its_two_projections(activation, rows):
     assert rel_l2(want, got) <= 5e-3
 
 
+def test_int8_kernel_takes_whole_tiles_and_only_cuda():
+    from nbtrt.backends import cuda_int8
+
+    assert cuda_int8.fits(48, 192) and not cuda_int8.fits(40, 192) and not cuda_int8.fits(48, 96)
+    assert cuda_int8.unavailable_reason(torch.device("cpu"), 48, 192) is not None
+    lin = torch.nn.Sequential(torch.nn.Linear(192, 48, bias=False).bfloat16())
+    quantize_linears(lin, "int8_wo")
+    assert not lin[0].gemv and "CUDA" in lin[0].gemv_unavailable
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("out_features,in_features", [(4096, 4096), (1024, 4096), (4096, 14336), (48, 576), (160, 64)])
+def test_int8_mma_kernel_equals_the_eager_module(rows, out_features, in_features):
+    """nbtrt's INT8 kernel gives the eager module's ``linear(x, w) * scale`` within bf16 rounding,
+    for 1 to 8 rows (the B operand's columns, partly filled) and more (one launch per 8), on the 8B
+    model's shapes (4 and 16 warps a block) and small ones (one chunk a warp)."""
+    from nbtrt.backends import cuda_int8
+
+    torch.manual_seed(0)
+    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device="cuda")
+    scale = (torch.rand(out_features, device="cuda") / 100 + 1e-4).bfloat16()
+    assert cuda_int8.unavailable_reason(weight.device, out_features, in_features) is None
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    got = torch.ops.nbtrt.int8_mm(x, weight, scale)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    assert rel_l2((x.float() @ weight.float().t()) * scale.float(), got) <= 4e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("rows", [1, 5, 9])
+def test_int8_gated_input_equals_its_two_projections(activation, rows):
+    """``act(gate(x)) * up(x)`` from the fused INT8 module (one launch up to 8 rows, the two
+    linears past that) equals the two INT8 linears' eager arithmetic and the activation."""
+    from nbtrt.backends.torch import Int8GatedInput
+    from nbtrt.model import ACTIVATIONS
+
+    torch.manual_seed(0)
+    I, K = 1024, 512
+    holder = torch.nn.Sequential(*(torch.nn.Linear(K, I, bias=False).cuda().bfloat16() for _ in range(2)))
+    quantize_linears(holder, "int8_wo")
+    gate, up = holder
+    assert Int8GatedInput.takes(gate, up, activation)
+    fused = Int8GatedInput(gate, up, activation)
+    x = torch.randn(1, rows, K, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = fused(x)
+        gate.gemv = up.gemv = False  # the reference: the eager modules' linear(x, w) * scale
+        want = ACTIVATIONS[activation](gate(x)) * up(x)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert rel_l2(want, got) <= 5e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [2, 17, 63])
 def test_int8_triton_kernel_equals_dequantize_then_matmul(rows):
@@ -428,9 +482,9 @@ def test_int8_triton_kernel_equals_dequantize_then_matmul(rows):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_int8_linear_takes_the_triton_kernel_for_a_few_rows_only():
-    """Compiled, an INT8 linear runs the Triton kernel in the graph below MANY_ROWS rows and
-    dequantize + cuBLAS from there; both agree with the eager module."""
+def test_compiled_int8_linear_takes_its_kernel_by_rows():
+    """Compiled, an INT8 linear runs nbtrt's kernel in the graph up to 8 rows, the Triton kernel
+    below MANY_ROWS rows and dequantize + cuBLAS from there; all agree with the eager module."""
     from torch._inductor.utils import run_and_get_code
 
     from nbtrt.backends.torch import MANY_ROWS
@@ -439,20 +493,24 @@ def test_compiled_int8_linear_takes_the_triton_kernel_for_a_few_rows_only():
     holder = torch.nn.Sequential(torch.nn.Linear(512, 768, bias=False).cuda().bfloat16())
     quantize_linears(holder, "int8_wo")
     lin = holder[0]
-    for rows, triton_kernel in ((8, True), (MANY_ROWS, False)):
+    kernels = ("nbtrt.int8_mm", "int8_weight_mm_kernel", "extern_kernels.mm")  # nbtrt's, Triton, cuBLAS
+    for rows, kernel in ((8, kernels[0]), (9, kernels[1]), (MANY_ROWS, kernels[2])):
         x = torch.randn(rows, 1, 512, device="cuda", dtype=torch.bfloat16)
         torch._dynamo.reset()
         with torch.no_grad():
             got, (code,) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+            lin.gemv = False  # the eager reference: linear(x, w) * scale
             want = lin(x)
+            lin.gemv = True
         assert rel_l2(want, got) <= 1e-2
-        assert ("int8_weight_mm_kernel" in code, "extern_kernels.mm" in code) == (triton_kernel, not triton_kernel)
+        assert [k for k in kernels if k in code] == [kernel], rows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quantized_cuda_warmup_compiles_the_prefill_of_every_row_range(tmp_path):
-    """Weight-only linears pick their kernel by rows (INT8: Triton tile of 16 or 64 rows, then
-    dequantize + cuBLAS; INT4: tinygemm, then dequantize + cuBLAS), so a prefill graph serves one
+    """Weight-only linears pick their kernel by rows (INT8: nbtrt's kernel up to 8, Triton tile of
+    16 or 64 rows, then dequantize + cuBLAS; INT4: nbtrt's kernel, then dequantize + cuBLAS), so a
+    prefill graph serves one
     range of prompt lengths. Warm-up compiles them all: no prompt compiles later, and every range
     gives logits close to the unquantized engine's."""
     from torch._dynamo.utils import counters
@@ -464,10 +522,10 @@ def test_quantized_cuda_warmup_compiles_the_prefill_of_every_row_range(tmp_path)
                                                max_input_len=80, max_seq_len=96, quant=quant)
                for quant in (None, "int8_wo", "int4_wo")}
     layers = engines[None].config.num_layers
-    assert engines["int4_wo"].quant_report["fused_gate_up"] == layers
+    assert engines["int4_wo"].quant_report["fused_gate_up"] == engines["int8_wo"].quant_report["fused_gate_up"] == layers
     tokens = torch.randint(0, 257, (70,)).tolist()
     compiled = {}
-    for n in (5, 30, 70):
+    for n in (5, 12, 30, 70):
         logits = {}
         prompt = torch.tensor([tokens[:n]], device="cuda")  # a fresh tensor: a slice's strides are guarded too
         for quant, engine in engines.items():

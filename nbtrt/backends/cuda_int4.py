@@ -43,7 +43,7 @@ WARPS_PER_GPU = 4096  # split the inputs over more warps only up to this many in
 UNROLL = 1  # groups a warp's loop unrolls: under the kernel's bounds 2-8 saved 0.5 us at best (int4_regs_probe)
 PREFETCH_CHUNKS = 4  # chunks a warp sends to L2 before it waits on the kernel before it (dependent launch)
 
-SOURCE = r"""
+HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
@@ -54,11 +54,23 @@ __device__ __forceinline__ u32 nibbles_to_bf16x2(u32 w) {
     return out;
 }
 
-__device__ __forceinline__ void mma_word(float* d, u32 w, u32 b0, u32 b1) {
+// d += A B: A fragments a0-a3 (rows g, g + 8; inputs 2t, 2t + 8 of the k-step), B fragments b0-b1
+__device__ __forceinline__ void mma_bf16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(nibbles_to_bf16x2(w)), "r"(nibbles_to_bf16x2(w >> 4)), "r"(nibbles_to_bf16x2(w >> 8)),
-          "r"(nibbles_to_bf16x2(w >> 12)), "r"(b0), "r"(b1));
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_word(float* d, u32 w, u32 b0, u32 b1) {
+    mma_bf16(d, nibbles_to_bf16x2(w), nibbles_to_bf16x2(w >> 4), nibbles_to_bf16x2(w >> 8),
+             nibbles_to_bf16x2(w >> 12), b0, b1);
+}
+
+// a warp's mma accumulators into its block's partial sums [warp][activation row][weight row of the tile]
+__device__ __forceinline__ void store_partials(float (*part)[8][16], int warp, int g, int t, const float* d) {
+    part[warp][2 * t][g] = d[0];
+    part[warp][2 * t + 1][g] = d[1];
+    part[warp][2 * t][g + 8] = d[2];
+    part[warp][2 * t + 1][g + 8] = d[3];
 }
 
 __device__ __forceinline__ float bf16_to_float(u16 h) { return __uint_as_float(((u32)h) << 16); }
@@ -83,6 +95,9 @@ __device__ __forceinline__ float activation(float x) {  // ACT: 1 silu, 2 gelu (
 // The weight is read once a step: evict-first loads leave the L2 to the activations and scales.
 #define LOAD_WEIGHT(p) __ldcs(p)
 
+"""
+
+SOURCE = HELPERS + r"""
 // y[M, N] = x[M, K] @ W^T, W int4 [N, K] pre-shuffled by nbtrt's pack(), scales [K / GROUP, N].
 // The bounds' minimum of one block an SM lets the compiler schedule for latency, not occupancy.
 // With it, evict-first loads and no unroll, each call on the 8B decode shapes took 8-13 % less
@@ -126,11 +141,8 @@ int4_gemv(const uint4* __restrict__ w, const u16* __restrict__ scales, const u16
 #if DEPENDENT_LAUNCH
     asm volatile("griddepcontrol.launch_dependents;");  // the next kernel may start its launch
 #endif
-    __shared__ float part[WARPS][8][16];  // [warp][activation row][weight row of the tile]
-    part[warp][2 * t][g] = acc[0];
-    part[warp][2 * t + 1][g] = acc[1];
-    part[warp][2 * t][g + 8] = acc[2];
-    part[warp][2 * t + 1][g + 8] = acc[3];
+    __shared__ float part[WARPS][8][16];
+    store_partials(part, warp, g, t, acc);
     __syncthreads();
 #if ACT
     // a gated MLP's input: tile rows 0-7 are gate rows, 8-15 the up rows of the same 8 outputs;

@@ -13,10 +13,10 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   quantized at load) replace ``nn.Linear`` in place and run through PyTorch's own kernels
   (tinygemm, ``_scaled_mm``, ``_int_mm``) or nbtrt's own; for the batch-1 decode GEMV Inductor
   fuses the INT8 dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm``
-  with M=1 into one), INT8 with a few rows takes a Triton kernel (``triton_int8``), INT4 with a
-  few rows a CUDA kernel compiled by NVRTC (``cuda_int4``; a gated MLP's gate and up become one
-  ``Int4GatedInput`` on it), and weight-only calls of ``MANY_ROWS`` rows or more dequantize
-  inside the graph, then call cuBLAS.
+  with M=1 into one), INT8 with 2-8 rows and INT4 with a few rows take CUDA kernels compiled by
+  NVRTC (``cuda_int8``, ``cuda_int4``; a gated MLP's gate and up become one ``Int8GatedInput`` /
+  ``Int4GatedInput`` on them), INT8 with more rows a Triton kernel (``triton_int8``), and
+  weight-only calls of ``MANY_ROWS`` rows or more dequantize inside the graph, then call cuBLAS.
 
 Inductor tunes every kernel it generates the first time it runs; on CUDA the engine has it time
 them as the graph runs them, without the host's launch (``inductor_timing``). Inductor's on-disk
@@ -45,11 +45,11 @@ from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
 from ..model import ACTIVATIONS, TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
-from . import cuda_int4, inductor_timing, triton_int8
+from . import cuda_int4, cuda_int8, inductor_timing, triton_int8
 
 # From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
-# the weight and call cuBLAS; fewer take nbtrt's INT4 kernel (or tinygemm) or the Triton INT8
-# kernel. Measured on an H100, 8B config: README, "Quantized linears by rows".
+# the weight and call cuBLAS; fewer take nbtrt's INT4 kernel (or tinygemm), nbtrt's INT8 kernel
+# (2-8 rows) or the Triton INT8 kernel. Measured on an H100, 8B config: README, "Quantized linears by rows".
 MANY_ROWS = 64
 DYNAMO_RECOMPILE_LIMIT = 64  # every engine in a process shares the compiled functions' caches
 # renamed from cache_size_limit in recent PyTorch
@@ -83,20 +83,30 @@ def _(x):
 
 class Int8WeightOnlyLinear(nn.Module):
     """int8 weight [out, in] x per-channel scale; activations stay in the model dtype (W8A16).
-    One row (batch-1 decode): Inductor fuses the dequantization into the GEMV reduction. A few
-    rows on CUDA (batched decode, short prompts): one Triton kernel that reads the int8 weight once
-    (nbtrt.backends.triton_int8). ``MANY_ROWS`` rows and more (prefill), compiled: the weight is
-    dequantized and scaled in one fused pass, then one cuBLAS matmul (written as
-    ``linear(x, w) * scale``, the many-row product was lowered by Inductor to a kernel that ran 2 s
-    per 128-token prefill of an 8B model on an H200, measured). Eager, where nothing fuses,
-    scaling the product instead saves a pass over the weight."""
+    Where it runs:
+
+    - one row (batch-1 decode), compiled: Inductor fuses the dequantization into the GEMV
+      reduction (8B decode step on an H100: 3.52-3.62 ms, against 4.01 ms with nbtrt's kernel
+      for every linear; ``gpu_int8-kernel_*``);
+    - 2 to 8 rows on CUDA in bf16 (batched decode): nbtrt's kernel on the stored weight
+      (:mod:`nbtrt.backends.cuda_int8`); ``gemv_unavailable`` says why not where it cannot run;
+    - more rows, or where it cannot run, below ``MANY_ROWS`` on CUDA: one Triton kernel that reads
+      the int8 weight once (:mod:`nbtrt.backends.triton_int8`);
+    - ``MANY_ROWS`` rows and more (prefill), compiled: the weight is dequantized and scaled in one
+      fused pass, then one cuBLAS matmul (written as ``linear(x, w) * scale``, the many-row product
+      was lowered by Inductor to a kernel that ran 2 s per 128-token prefill of an 8B model on an
+      H200, measured). Eager, where nothing fuses, scaling the product instead saves a pass over
+      the weight."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", weight_scale.to(dtype))
         self.bias = bias
         self.realize_input = False  # True: the one-row input is computed into memory first (_realize_down_inputs)
+        self.gemv_unavailable = (cuda_int8.unavailable_reason(weight.device, *weight.shape) if dtype == torch.bfloat16
+                                 else f"the kernel takes bf16 activations, not {dtype}")
+        self.gemv = self.gemv_unavailable is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -104,6 +114,8 @@ class Int8WeightOnlyLinear(nn.Module):
             if self.realize_input:
                 x2 = torch.ops.nbtrt.realize(x2)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
+        elif self.gemv and x2.shape[0] <= cuda_int8.MAX_ROWS and x2.dtype == torch.bfloat16:
+            y = torch.ops.nbtrt.int8_mm(x2, self.weight, self.scale)
         elif x2.shape[0] < MANY_ROWS and triton_int8.takes(x2, self.weight):
             y = torch.ops.nbtrt.int8_weight_mm(x2, self.weight, self.scale)
         elif torch.compiler.is_compiling():
@@ -112,6 +124,35 @@ class Int8WeightOnlyLinear(nn.Module):
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+class Int8GatedInput(nn.Module):
+    """A gated MLP's two INT8 projections and its activation as one module, ``act(gate(x)) * up(x)``:
+    2 to 8 rows, one launch of nbtrt's INT8 kernel reads both stored weights and applies the
+    activation before it writes; other row counts run the two linears (one row: Inductor fuses
+    them into one GEMV kernel).
+
+    >>> mlp.gate_input = Int8GatedInput(mlp.gate, mlp.up, "silu")  # what the engine does  # doctest: +SKIP
+    """
+
+    def __init__(self, gate: Int8WeightOnlyLinear, up: Int8WeightOnlyLinear, activation: str):
+        super().__init__()
+        self.gate, self.up, self.activation = gate, up, activation
+
+    @staticmethod
+    def takes(gate: nn.Module, up: nn.Module, activation: str) -> bool:
+        """Whether ``gate`` and ``up`` fuse: both on nbtrt's INT8 kernel, alike, without biases."""
+        return (isinstance(gate, Int8WeightOnlyLinear) and isinstance(up, Int8WeightOnlyLinear) and gate.gemv
+                and up.gemv and gate.bias is None and up.bias is None and gate.weight.shape == up.weight.shape
+                and activation in cuda_int8.ACTIVATION_CODES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if not 1 < x2.shape[0] <= cuda_int8.MAX_ROWS or x2.dtype != torch.bfloat16:
+            return ACTIVATIONS[self.activation](self.gate(x)) * self.up(x)
+        h = torch.ops.nbtrt.int8_gated_mm(x2, self.gate.weight, self.gate.scale, self.up.weight, self.up.scale,
+                                          self.activation)
+        return h.reshape(*x.shape[:-1], -1)
 
 
 def _pack_for_tinygemm(u: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
@@ -443,15 +484,20 @@ def _realize_down_inputs(model: nn.Module) -> None:
 
 
 def _fuse_gate_up(model: nn.Module) -> int:
-    """Each gated MLP whose gate and up projections both run nbtrt's INT4 kernel gets them as one
-    :class:`Int4GatedInput` (``mlp.gate_input``; ``mlp.gate`` and ``mlp.up`` go). Returns how many."""
+    """Each gated MLP whose gate and up projections both run nbtrt's INT4 (or INT8) kernel gets them
+    as one :class:`Int4GatedInput` (:class:`Int8GatedInput`) as ``mlp.gate_input``. INT4 repacks
+    their weights, so ``mlp.gate`` and ``mlp.up`` go; the INT8 module runs the two linears
+    themselves, which stay under their names for capture's hooks. Returns how many."""
     from ..model import MLP
 
     fused = 0
     for mlp in (m for m in model.modules() if isinstance(m, MLP)):
-        if mlp.gated and Int4GatedInput.takes(mlp.gate, mlp.up, mlp.activation):
-            mlp.gate_input = Int4GatedInput(mlp.gate, mlp.up, mlp.activation)
-            del mlp.gate, mlp.up
+        kinds = (Int4GatedInput, Int8GatedInput) if mlp.gated else ()
+        kind = next((k for k in kinds if k.takes(mlp.gate, mlp.up, mlp.activation)), None)
+        if kind is not None:
+            mlp.gate_input = kind(mlp.gate, mlp.up, mlp.activation)
+            if kind is Int4GatedInput:
+                del mlp.gate, mlp.up
             fused += 1
     return fused
 
@@ -698,7 +744,7 @@ class TorchEngine(Engine):
         rows = {triton_int8.ROW_TILES[0] + 1}
         if self.device.type == "cuda" and any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear))
                                               for m in self.model.modules()):
-            rows.add(MANY_ROWS)
+            rows |= {cuda_int8.MAX_ROWS + 1, MANY_ROWS}
         lengths = {min(self.limits.max_input_len, -(-r // batch_size)) for r in rows}
         return sorted(n for n in lengths if n > 2)
 

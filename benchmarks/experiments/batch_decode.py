@@ -1,7 +1,8 @@
-"""Experiment (GPU): the 8B config's INT4 decode step at batch 2-32, nbtrt's mma kernel against
-tinygemm (the kernel made unavailable for the second engine). JSON to argv[1].
+"""Experiment (GPU): the 8B config's weight-only decode step at batch 1-32, nbtrt's kernel against
+what runs without it (made unavailable for the second engine): INT4, tinygemm; INT8, Inductor's
+one-row GEMV and the Triton kernel. JSON to argv[1].
 
-    python benchmarks/experiments/int4_batch_decode.py $OUT
+    python benchmarks/experiments/batch_decode.py $OUT [int4_wo | int8_wo]
 """
 import json
 import sys
@@ -13,12 +14,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends import cuda_int4  # noqa: E402
+from nbtrt.backends import cuda_int4, cuda_int8  # noqa: E402
 from nbtrt.backends.torch import TorchEngine  # noqa: E402
 from nbtrt.mapping import architecture_for  # noqa: E402
 from nbtrt.model import Decoder  # noqa: E402
 
-BATCHES = (2, 8, 16, 32)
+FORMAT = sys.argv[2] if len(sys.argv) > 2 else "int4_wo"
+KERNELS = {"int4_wo": (cuda_int4, "tinygemm"), "int8_wo": (cuda_int8, "inductor+triton")}
+BATCHES = (1, 2, 8, 16, 32)
 cfg_hf = G.real_config("llama-3.1-8b", False).to_dict()
 cfg = architecture_for(cfg_hf).config_from_hf(cfg_hf, "bfloat16")
 torch.manual_seed(0)
@@ -31,16 +34,17 @@ with torch.no_grad():
         if p.dim() == 2:
             p.normal_(0, 0.02)
 out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "prompt": 128, "step_ms": {}}
-real_reason = cuda_int4.unavailable_reason
-for name in ("int4_wo", "int4_wo:tinygemm"):
-    if name.endswith("tinygemm"):
-        cuda_int4.unavailable_reason = lambda *a: "forced off for the comparison"
+kernel_module, without = KERNELS[FORMAT]
+real_reason = kernel_module.unavailable_reason
+for name in (FORMAT, f"{FORMAT}:{without}"):
+    if name != FORMAT:
+        kernel_module.unavailable_reason = lambda *a: "forced off for the comparison"
     m = G.shared_copy(model)
     eng = TorchEngine.from_decoder(m, max_batch_size=max(BATCHES), max_seq_len=160, compile=True,
-                                   quant="int4_wo", warmup=False)
+                                   quant=FORMAT, warmup=False)
     out["step_ms"][name] = {b: 1000 * G.decode_step_seconds(eng, b, 128) for b in BATCHES}
     print(name, {b: round(v, 3) for b, v in out["step_ms"][name].items()}, flush=True)
-    cuda_int4.unavailable_reason = real_reason
+    kernel_module.unavailable_reason = real_reason
     del eng, m
     torch.cuda.empty_cache()
-json.dump(out, open(Path(sys.argv[1]) / "int4_batch_decode.json", "w"), indent=1)
+json.dump(out, open(Path(sys.argv[1]) / f"batch_decode_{FORMAT}.json", "w"), indent=1)
