@@ -29,8 +29,6 @@ the activation.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import nvrtc
