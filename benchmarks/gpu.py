@@ -15,7 +15,7 @@ Sections (``--sections``, default all; each is timed, a failure is recorded and 
   kernels   each quantized linear vs its dequantized reference on a real 8B shape
   llama8b   llama-3.1-8b config, bf16 / int8_wo / int4_wo / fp8 / w8a8: decode step time vs the
             bandwidth floor, tokens/s through the generation loop; bf16 prefill of 2048 tokens vs
-            the matmul floor
+            the matmul floor; each engine (and the prefill) in a process of its own
 
 Weights are random (no download), instantiated directly on the device. JSON goes to
 ``$OUT/gpu_results.json`` after every section; a short table is printed last.
@@ -420,68 +420,106 @@ def sec_kernels(R, quick):
 
 
 def sec_llama8b(R, quick, formats):
-    prompt, new, reps = (32, 16, 2) if quick else (128, 256, 3)
-    pre_len = 256 if quick else 2048
-    t = time.perf_counter()
-    model = llama8b_random(quick)
-    cfg = model.cfg
-    out = {"config": cfg.to_dict(), "init_seconds": time.perf_counter() - t, "prompt": prompt, "new_tokens": new}
+    """Each 8B engine, and the long prefill, in a process of its own (``--llama8b-part``), as a
+    deployment runs one: engines built after another one in the same process ran their decode
+    graph 5-8 % slower, for reasons not found (benchmarks/experiments/loop_pauses.py)."""
+    import subprocess
+    import tempfile
+
+    out = {"parts_in_own_processes": True}
     ceil = R.get("ceilings", {})
     variants = {}
-    for fmt in ["bf16"] + list(formats):
-        row = {}
-        if time.perf_counter() > DEADLINE - 60:
-            variants[fmt] = {"skipped": "time budget"}
-            continue
-        try:
-            quant, _, tweak = fmt.partition(":")  # "int8_wo:inline": mlp.down's input left to Inductor
-            with torch._inductor.config.patch(INDUCTOR_TWEAKS.get(tweak, {})):
-                m = model if quant == "bf16" else shared_copy(model)
-                reason = None if quant == "bf16" else quant_unavailable(quant, DEV, torch.bfloat16)
-                if reason:
-                    variants[fmt] = {"skipped": reason}
-                    continue
-                t = time.perf_counter()
-                with sdpa_decode(tweak == "expand"):
-                    eng = TorchEngine.from_decoder(m, max_batch_size=1, max_seq_len=prompt + new, compile=True,
-                                                   quant=None if quant == "bf16" else quant, warmup=False)
-                if tweak == "inline":
-                    for mod in eng.model.modules():
-                        if hasattr(mod, "realize_input"):
-                            mod.realize_input = False
-                eng.warmup()
-                row["load_quantize_compile_seconds"] = time.perf_counter() - t
-                row["quant_report"] = eng.quant_report
-                row["weight_bytes"] = decode_weight_bytes(eng.model)
-                row["decode_step_s"] = decode_step_seconds(eng, 1, prompt)
-                row["prefill_128_s"] = prefill_times(eng, prompt)
-                if quant in ("bf16", "int8_wo", "int4_wo") and CUDA:  # where a decode step's time goes
-                    row["decode_profile"] = profile_kernels(eng._static[1].graph.replay, 5)
-                if ceil:
-                    row["bandwidth_floor_s"] = row["weight_bytes"] / ceil["copy_bytes_per_s"]
-                    row["step_over_floor"] = row["decode_step_s"] / row["bandwidth_floor_s"]
-                    row["achieved_tb_s"] = row["weight_bytes"] / row["decode_step_s"] / 1e12
-                from torch._dynamo.utils import counters
-
-                graphs = counters["stats"]["unique_graphs"]
-                r = engine_tokens_per_s(eng, prompt, new, reps)
-                row["graphs_compiled_while_measuring"] = counters["stats"]["unique_graphs"] - graphs
-                row.update(tokens_per_s=r["tokens_per_s"], ttft_s=r["ttft_s"]["p50"], tpot_s=r["tpot_s"]["p50"],
-                           peak_memory_bytes=r["peak_memory_bytes"])
-                row["loop_overhead_s_per_token"] = row["tpot_s"] - row["decode_step_s"]
-                del eng, m
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"
-            row["traceback"] = traceback.format_exc()[-2000:]
-        variants[fmt] = row
-        free()
-        _save(R)
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in ["bf16"] + list(formats) + ["prefill"]:
+            left = DEADLINE - time.perf_counter()
+            if left < 60:
+                (variants if part != "prefill" else out)[part] = {"skipped": "time budget"}
+                continue
+            path = Path(tmp) / f"{part}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--llama8b-part", part, "--out", str(path)]
+            cmd += ["--quick"] if quick else []
+            try:
+                done = subprocess.run(cmd, timeout=left, capture_output=True, text=True)
+                got = json.loads(path.read_text()) if path.exists() else {
+                    "error": f"exit {done.returncode}", "traceback": (done.stdout + done.stderr)[-2000:]}
+            except subprocess.TimeoutExpired:
+                got = {"error": f"did not finish in the {left:.0f} s left"}
+            if part == "prefill":
+                out["prefill"] = got
+            else:
+                out.update({k: got.pop(k) for k in ("config", "init_seconds", "prompt", "new_tokens") if k in got})
+                variants[part] = got
+            _save({**R, "llama8b": {**out, "variants": variants}})
     bf = variants.get("bf16", {}).get("tokens_per_s")
-    for fmt, row in variants.items():
+    for row in variants.values():
+        if ceil and "weight_bytes" in row:
+            row["bandwidth_floor_s"] = row["weight_bytes"] / ceil["copy_bytes_per_s"]
+            row["step_over_floor"] = row["decode_step_s"] / row["bandwidth_floor_s"]
+            row["achieved_tb_s"] = row["weight_bytes"] / row["decode_step_s"] / 1e12
         if bf and row.get("tokens_per_s"):
             row["speedup_vs_bf16"] = row["tokens_per_s"] / bf
+    pre = out.get("prefill", {})
+    if ceil and "flops" in pre:
+        floor = pre["flops"] / ceil["matmul_flop_per_s"]
+        pre.update(floor_s=floor, over_floor=pre["seconds"] / floor,
+                   achieved_tflop_s=pre["flops"] / pre["seconds"] / 1e12)
     out["variants"] = variants
-    # prefill of pre_len tokens, bf16, against the matmul floor
+    R["llama8b"] = out
+
+
+def llama8b_part(part: str, quick: bool) -> dict:
+    """One part of the 8B section, in this process: an engine's row (``part`` a format, or
+    "<format>:<tweak>") or the bf16 prefill of 2048 tokens (``part`` "prefill")."""
+    t = time.perf_counter()
+    model = llama8b_random(quick)
+    head = {"config": model.cfg.to_dict(), "init_seconds": time.perf_counter() - t}
+    return {**head, **(llama8b_prefill(model, quick) if part == "prefill" else llama8b_variant(model, part, quick))}
+
+
+def llama8b_variant(model: Decoder, fmt: str, quick: bool) -> dict:
+    """Decode step time, the 128-token prefill and tokens/s through the generation loop of one engine."""
+    prompt, new, reps = (32, 16, 2) if quick else (128, 256, 3)
+    row = {"prompt": prompt, "new_tokens": new}
+    quant, _, tweak = fmt.partition(":")  # "int8_wo:inline": mlp.down's input left to Inductor
+    reason = None if quant == "bf16" else quant_unavailable(quant, DEV, torch.bfloat16)
+    if reason:
+        return {**row, "skipped": reason}
+    try:
+        with torch._inductor.config.patch(INDUCTOR_TWEAKS.get(tweak, {})):
+            t = time.perf_counter()
+            with sdpa_decode(tweak == "expand"):
+                eng = TorchEngine.from_decoder(model, max_batch_size=1, max_seq_len=prompt + new, compile=True,
+                                               quant=None if quant == "bf16" else quant, warmup=False)
+            if tweak == "inline":
+                for mod in eng.model.modules():
+                    if hasattr(mod, "realize_input"):
+                        mod.realize_input = False
+            eng.warmup()
+            row["load_quantize_compile_seconds"] = time.perf_counter() - t
+            row["quant_report"] = eng.quant_report
+            row["weight_bytes"] = decode_weight_bytes(eng.model)
+            row["decode_step_s"] = decode_step_seconds(eng, 1, prompt)
+            row["prefill_128_s"] = prefill_times(eng, prompt)
+            if quant in ("bf16", "int8_wo", "int4_wo") and CUDA:  # where a decode step's time goes
+                row["decode_profile"] = profile_kernels(eng._static[1].graph.replay, 5)
+            from torch._dynamo.utils import counters
+
+            graphs = counters["stats"]["unique_graphs"]
+            r = engine_tokens_per_s(eng, prompt, new, reps)
+            row["graphs_compiled_while_measuring"] = counters["stats"]["unique_graphs"] - graphs
+            row.update(tokens_per_s=r["tokens_per_s"], ttft_s=r["ttft_s"]["p50"], tpot_s=r["tpot_s"]["p50"],
+                       peak_memory_bytes=r["peak_memory_bytes"])
+            row["loop_overhead_s_per_token"] = row["tpot_s"] - row["decode_step_s"]
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc()[-2000:]
+    return row
+
+
+def llama8b_prefill(model: Decoder, quick: bool) -> dict:
+    """The bf16 prefill of 2048 tokens (causal, and the masked path for comparison) and its flops."""
+    cfg = model.cfg
+    pre_len = 256 if quick else 2048
     try:
         eng = TorchEngine.from_decoder(model, max_batch_size=1, max_seq_len=pre_len + 8, compile=True, warmup=False)
         ids = torch.randint(0, cfg.vocab_size, (1, pre_len), device=DEV)
@@ -505,18 +543,11 @@ def sec_llama8b(R, quick, formats):
                      if isinstance(mod, torch.nn.Linear) and name != "lm_head")
         flops = 2 * linear * pre_len + 2 * cfg.hidden_size * cfg.vocab_size  # lm_head for the last token only
         flops += L * 2 * pre_len * pre_len * H * D  # causal QK^T and PV: half of 2 x 2*T*T*D per head
-        out["prefill"] = {"tokens": pre_len, "seconds": secs, "first_call_seconds_incl_compile": first,
-                          "flops": flops, "tokens_per_s": pre_len / secs, "profile": profile,
-                          "masked_seconds": masked, "masked_profile": masked_profile}
-        if ceil:
-            floor = flops / ceil["matmul_flop_per_s"]
-            out["prefill"].update(floor_s=floor, over_floor=secs / floor, achieved_tflop_s=flops / secs / 1e12)
-        del eng
+        return {"tokens": pre_len, "seconds": secs, "first_call_seconds_incl_compile": first, "flops": flops,
+                "tokens_per_s": pre_len / secs, "profile": profile, "masked_seconds": masked,
+                "masked_profile": masked_profile}
     except Exception as e:
-        out["prefill"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
-    R["llama8b"] = out
-    del model
-    free()
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
 
 
 # ------------------------------------------------------------------------------ main
@@ -596,7 +627,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="ceilings,parity,small,sweep,kernels,llama8b")
     ap.add_argument("--formats", default="int8_wo,int4_wo,fp8,w8a8", help="quantized variants of the 8B run")
     ap.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped past it")
+    ap.add_argument("--llama8b-part", help=argparse.SUPPRESS)  # one part of the 8B section; JSON to --out
     a = ap.parse_args(argv)
+    if a.llama8b_part:
+        Path(a.out).write_text(json.dumps(llama8b_part(a.llama8b_part, a.quick), default=str))
+        return 0
     OUT_PATH = Path(a.out) / "gpu_results.json"
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32
     R = {"machine": B.machine(), "quick": a.quick, "argv": sys.argv[1:], "section_seconds": {}, "errors": {}}
