@@ -440,10 +440,11 @@ def sec_llama8b(R, quick, formats):
             cmd += ["--quick"] if quick else []
             try:
                 done = subprocess.run(cmd, timeout=left, capture_output=True, text=True)
-                got = json.loads(path.read_text()) if path.exists() else {
-                    "error": f"exit {done.returncode}", "traceback": (done.stdout + done.stderr)[-2000:]}
+                got = json.loads(path.read_text())
             except subprocess.TimeoutExpired:
                 got = {"error": f"did not finish in the {left:.0f} s left"}
+            except (OSError, ValueError):  # it died before writing its JSON, or while writing it
+                got = {"error": f"exit {done.returncode}", "traceback": (done.stdout + done.stderr)[-2000:]}
             if part == "prefill":
                 out["prefill"] = got
             else:
