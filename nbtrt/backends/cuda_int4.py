@@ -291,13 +291,20 @@ def _gemv(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: 
     warps = warps_for(N, K, group)
     dependent = dependent_launch(x2.device.index)
     kernel = _compiled(warps, group, act=act, dependent=dependent)
-    x2 = x2.contiguous()
     y = x2.new_empty(M, N // 2 if act else N)
+    launch_by_rows(kernel, N // 16, warps * 32, (words, scales_t), x2.contiguous(), y, N, dependent)
+    return y
+
+
+def launch_by_rows(kernel, blocks: int, threads: int, weights: tuple, x2: torch.Tensor, y: torch.Tensor,
+                   out_features: int, dependent: bool) -> None:
+    """One launch of a GEMV kernel (this module's or :mod:`cuda_int8`'s) per ``MAX_ROWS`` rows of
+    ``x2``, into the same rows of ``y``: arguments ``*weights, x rows, y rows, rows, N, K``."""
+    M, K = x2.shape
     for start in range(0, M, MAX_ROWS):
         rows = min(MAX_ROWS, M - start)
-        nvrtc.launch(kernel, N // 16, warps * 32, words, scales_t, x2[start:start + rows], y[start:start + rows],
-                     rows, N, K, dependent=dependent)
-    return y
+        nvrtc.launch(kernel, blocks, threads, *weights, x2[start:start + rows], y[start:start + rows],
+                     rows, out_features, K, dependent=dependent)
 
 
 @torch.library.custom_op("nbtrt::int4_mm", mutates_args=())

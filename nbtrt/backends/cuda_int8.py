@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from . import nvrtc
-from .cuda_int4 import ACTIVATION_CODES, HELPERS, MAX_ROWS, PREFETCH_CHUNKS, WARP_CHOICES, dependent_launch
+from .cuda_int4 import (ACTIVATION_CODES, HELPERS, MAX_ROWS, PREFETCH_CHUNKS, WARP_CHOICES, dependent_launch,
+                        launch_by_rows)
 
 CHUNK = 64  # inputs per chunk: a lane loads 16 of them from each of its two weight rows
 UNROLL = 2  # chunks a warp's loop unrolls
@@ -120,6 +121,12 @@ int8_gemv(const char* __restrict__ w_lo, const char* __restrict__ w_hi, const u1
 """
 
 
+def takes(x2: torch.Tensor) -> bool:
+    """Whether the engine sends these activations to the kernel: 2 to ``MAX_ROWS`` rows of bf16
+    (one row stays on Inductor's fused GEMV, which was faster in the step)."""
+    return 1 < x2.shape[0] <= MAX_ROWS and x2.dtype == torch.bfloat16
+
+
 def fits(out_features: int, in_features: int) -> bool:
     """Whether the kernel takes an [N, K] weight: whole 16-row tiles, whole 64-input chunks."""
     return out_features % 16 == 0 and in_features % CHUNK == 0
@@ -163,12 +170,8 @@ def _gemv(x2: torch.Tensor, w_lo: torch.Tensor, w_hi: torch.Tensor, s_lo: torch.
     warps = warps_for(K)
     dependent = dependent_launch(x2.device.index)
     kernel = _compiled(warps, act, dependent=dependent)
-    x2 = x2.contiguous()
     y = x2.new_empty(M, out_features)
-    for start in range(0, M, MAX_ROWS):
-        rows = min(MAX_ROWS, M - start)
-        nvrtc.launch(kernel, tiles, warps * 32, w_lo, w_hi, s_lo, s_hi, x2[start:start + rows], y[start:start + rows],
-                     rows, out_features, K, dependent=dependent)
+    launch_by_rows(kernel, tiles, warps * 32, (w_lo, w_hi, s_lo, s_hi), x2.contiguous(), y, out_features, dependent)
     return y
 
 

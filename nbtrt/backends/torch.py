@@ -114,7 +114,7 @@ class Int8WeightOnlyLinear(nn.Module):
             if self.realize_input:
                 x2 = torch.ops.nbtrt.realize(x2)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale
-        elif self.gemv and x2.shape[0] <= cuda_int8.MAX_ROWS and x2.dtype == torch.bfloat16:
+        elif self.gemv and cuda_int8.takes(x2):
             y = torch.ops.nbtrt.int8_mm(x2, self.weight, self.scale)
         elif x2.shape[0] < MANY_ROWS and triton_int8.takes(x2, self.weight):
             y = torch.ops.nbtrt.int8_weight_mm(x2, self.weight, self.scale)
@@ -148,7 +148,7 @@ class Int8GatedInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if not 1 < x2.shape[0] <= cuda_int8.MAX_ROWS or x2.dtype != torch.bfloat16:
+        if not cuda_int8.takes(x2):
             return ACTIVATIONS[self.activation](self.gate(x)) * self.up(x)
         h = torch.ops.nbtrt.int8_gated_mm(x2, self.gate.weight, self.gate.scale, self.up.weight, self.up.scale,
                                           self.activation)
