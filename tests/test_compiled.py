@@ -117,6 +117,40 @@ def _reference(fmt, w, x):
     return ((x / xs).to(torch.float8_e4m3fn).float() * xs) @ ((w / s).to(torch.float8_e4m3fn).float() * s).t()
 
 
+def _turns(engine, prompt: list[int], batch: int) -> list[torch.Tensor]:
+    """Logits of a prompt (the same one in each of ``batch`` rows), 4 decode steps (fixed tokens,
+    so a near tie cannot change what follows), then a second turn of 3 tokens prefilled after them
+    (attending over the slots a padded prefill wrote)."""
+    dev = engine.device
+    ids = torch.tensor([prompt] * batch, device=dev)
+    mask = torch.ones_like(ids)
+    engine.begin(batch)
+    out = [engine.step(ids, mask)]
+    for token in (21, 22, 23, 24):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out.append(engine.step(torch.full((batch, 1), token, device=dev), mask))
+    turn = torch.tensor([[11, 12, 13]] * batch, device=dev)
+    out.append(engine.step(turn, torch.cat([mask, torch.ones_like(turn)], 1)))
+    return out
+
+
+def test_graphed_prefill_pads_the_prompt_and_keeps_its_logits(tiny):
+    """A graphed prefill pads the prompt on the right to its bucket (off CUDA: the same static path,
+    no graph): the prompt's last logits, decode after it and a second turn over the padded slots
+    equal the prompt's own-length prefill's."""
+    _, ckpt = tiny
+    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt), max_batch_size=2, max_seq_len=32, compile=False)
+    g = torch.Generator().manual_seed(5)
+    for n, batch, bucket in ((5, 2, 8), (9, 1, 16), (16, 1, 16)):
+        prompt = torch.randint(0, 257, (n,), generator=g).tolist()
+        got = {}
+        for graphed in (False, True):
+            engine.graph_prefill = graphed
+            got[graphed] = torch.stack(_turns(engine, prompt, batch))
+        assert set(engine._prefill_static) == {(batch, bucket)}
+        torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", sorted(QUANT_FORMATS))
 def test_quantized_linear_matches_its_arithmetic(fmt):
     torch.manual_seed(0)
@@ -185,6 +219,30 @@ def test_cuda_graph_engine_matches_hf_bf16(tiny):
                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, 8:]
     ours = torch.stack(ours, 1).double()
     assert rel_l2(full, ours) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quant", [None, "int4_wo"])
+def test_cuda_graphed_prefill_equals_the_unpadded_one(tiny, quant):
+    """On CUDA a short causal prompt prefills through a captured graph at its bucketed length:
+    logits, decode and a second turn as the prompt's own-length prefill gives them (fp32; INT4 in
+    bf16, where the padded rows change the kernel: nbtrt's for < 64 rows, dequantize + cuBLAS past)."""
+    dtype = "bfloat16" if quant else "float32"
+    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(tiny[1], device="cuda", dtype=dtype),
+                                      max_batch_size=2, max_seq_len=96, quant=quant)
+    g = torch.Generator().manual_seed(5)
+    for n, batch, bucket in ((5, 2, 8), (9, 1, 16), (50, 1, 64), (70, 1, None)):
+        prompt = torch.randint(0, 257, (n,), generator=g).tolist()
+        got = {}
+        for graphed in (False, True):
+            engine.graph_prefill = graphed
+            got[graphed] = torch.stack(_turns(engine, prompt, batch)).double()
+        if bucket:
+            assert engine._prefill_static[batch, bucket].graph is not None
+        else:  # 128 slots would not fit in the cache: the prompt's own length, no graph
+            assert (batch, 128) not in engine._prefill_static
+        assert rel_l2(got[False], got[True]) <= (2e-2 if quant else 1e-5), (n, batch)
 
 
 @pytest.mark.gpu

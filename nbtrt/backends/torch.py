@@ -6,6 +6,8 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   every layer, so compile time does not grow with depth;
 - prefill has a dynamic sequence length and attends over the filled cache slots only (an
   unpadded prefill with no past runs plain causal attention: no [T, T] mask to build);
+- opt-in (``engine.graph_prefill = True``), a causal prompt of up to ``GRAPH_PREFILL_TOKENS``
+  is padded to a bucketed length and prefilled by one CUDA graph replay (first token off the host);
 - decode has static shapes and the whole step is captured in one CUDA graph per batch size,
   so a token costs one graph replay instead of hundreds of kernel launches; on Hopper its
   kernels are programmatic dependent launches, each starting as the one before it ends;
@@ -58,6 +60,11 @@ _LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit
 # a prompt of a length not seen before took 56-277 ms to prefill (qwen2.5-0.5b config), against
 # 9-12 ms for any length without it (README, "The first token").
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# With graphed prefills on, prompts up to this many tokens a sequence prefill through a CUDA graph
+# (past it the GPU's time hides the host's): a compiled prefill launches ~30 kernels a layer from
+# Python, and the 8B config's 128-token prefill took 13-35 ms of host time for 7-14 ms of kernels
+# (README, "Graphed prefills").
+GRAPH_PREFILL_TOKENS = 512
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -565,6 +572,19 @@ def _prelude(model: Decoder, input_ids, attention_mask, cache_position, causal: 
     return x, rope, None if causal else model.build_mask(attention_mask, cache_position)
 
 
+def prefill_bucket(tokens: int, max_seq_len: int) -> int | None:
+    """The length a prompt of ``tokens`` is padded to for a graphed prefill: the next power of two
+    up to 64, then the next multiple of 64 (a graph serves one length, so prompts share a few; a
+    padded row costs next to nothing while the weights' reads dominate). None past
+    ``GRAPH_PREFILL_TOKENS`` or where the padding would not fit in the cache.
+
+    >>> prefill_bucket(100, 2048), prefill_bucket(5, 2048), prefill_bucket(600, 2048)
+    (128, 8, None)
+    """
+    bucket = 1 << (tokens - 1).bit_length() if tokens <= 64 else -(-tokens // 64) * 64
+    return bucket if bucket <= min(GRAPH_PREFILL_TOKENS, max_seq_len) else None
+
+
 def _head(model: Decoder, x):
     return model.lm_head(model.final_norm(x[:, -1:]))[:, -1]
 
@@ -678,6 +698,11 @@ class TorchEngine(Engine):
         self._pool = None
         self._prefill_kinds: set[tuple] = set()  # (batch > 1, causal): the prefill graphs compiled so far
         self.causal_prefill = True  # False: every prefill takes the masked path (for comparison)
+        # True: causal prefills at bucketed lengths through static buffers and, on CUDA, captured
+        # graphs (prefill_bucket). Off by default: once a second graph is captured in a process, the
+        # decode graph's dependent launches stop overlapping (README, "Graphed prefills")
+        self.graph_prefill = False
+        self._prefill_static: dict[tuple[int, int], SimpleNamespace] = {}
         self._quiet = False  # inside warmup(), which shows one line for everything
         self.compile_seconds = 0.0
         eager = (_prelude, _prefill_block, _head)
@@ -748,7 +773,9 @@ class TorchEngine(Engine):
         lengths = {min(self.limits.max_input_len, -(-r // batch_size)) for r in rows}
         return sorted(n for n in lengths if n > 2)
 
-    def _run(self, fns, input_ids, attention_mask, cache_position, causal: bool = False) -> torch.Tensor:
+    def _run(self, fns, input_ids, attention_mask, cache_position, causal: bool = False,
+             last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at the last position, or at position ``last`` ([1]) where the prompt was padded."""
         prelude, block, head = fns
         # a first call compiles and tunes its kernels; inductor_timing says why it times them itself
         tuning = (inductor_timing.kernel_timing() if self.compiled and self.device.type == "cuda"
@@ -757,14 +784,14 @@ class TorchEngine(Engine):
             x, rope, mask = prelude(self.model, input_ids, attention_mask, cache_position, causal)
             for layer, (k, v) in zip(self.model.layers, self._kv):
                 x = block(layer, x, rope, mask, k, v, cache_position)
-            return head(self.model, x)
+            return head(self.model, x if last is None else x.index_select(1, last))
 
     # ------------------------------------------------------------------ Engine API
     @torch.inference_mode()
     def begin(self, batch_size: int) -> None:
         if self.cache is None or self.cache.batch_size != batch_size:
             # free the old buffers and the graphs that point into them (with their memory pool) first
-            self.cache, self._kv, self._static, self._pool = None, [], {}, None
+            self.cache, self._kv, self._static, self._prefill_static, self._pool = None, [], {}, {}, None
             self.cache = StaticKVCache(self.config, batch_size, self.limits.max_seq_len, dtype=self.dtype,
                                        device=self.device)
             self._kv = [(getattr(self.cache, f"k{i}"), getattr(self.cache, f"v{i}")) for i in range(self.config.num_layers)]
@@ -794,11 +821,16 @@ class TorchEngine(Engine):
             # padding and past, plain causal attention is the same function (one host sync here)
             causal = (self.causal_prefill and self._past == 0 and T > 1 and (window is None or window >= T)
                       and bool(attention_mask.all()))
-            kind = (B > 1, causal)
-            first = self.compiled and kind not in self._prefill_kinds
-            with _compiling(f"torch.compile prefill (batch {'>1' if B > 1 else 1})", enabled=first and not self._quiet):
-                logits = self._run(self._prefill_fns, input_ids, attention_mask, cache_position, causal)
-            self._prefill_kinds.add(kind)
+            bucket = prefill_bucket(T, self.limits.max_seq_len) if causal and self.graph_prefill else None
+            if bucket:
+                logits = self._graphed_prefill(input_ids, bucket)
+            else:
+                kind = (B > 1, causal)
+                first = self.compiled and kind not in self._prefill_kinds
+                with _compiling(f"torch.compile prefill (batch {'>1' if B > 1 else 1})",
+                                enabled=first and not self._quiet):
+                    logits = self._run(self._prefill_fns, input_ids, attention_mask, cache_position, causal)
+                self._prefill_kinds.add(kind)
         self._past += T
         return logits
 
@@ -817,19 +849,45 @@ class TorchEngine(Engine):
         st.mask[:, :W].copy_(attention_mask)
         st.cache_position.fill_(self._past)
         run = lambda: self._run(self._decode_fns, st.ids, st.mask, st.cache_position)  # noqa: E731
+        return self._replay(st, run, f"decode (batch {B})", new)
+
+    def _graphed_prefill(self, input_ids: torch.Tensor, length: int) -> torch.Tensor:
+        """A causal prefill (no past, no padding) padded on the right to ``length``, through static
+        buffers and one CUDA graph per (batch, length). Causal attention keeps the padding out of
+        the prompt's rows; its cache slots lie past the prompt, masked until decode overwrites them.
+        The logits are the last real token's."""
+        B, T = input_ids.shape
+        st = self._prefill_static.get((B, length))
+        new = st is None
+        if new:
+            st = self._prefill_static[B, length] = SimpleNamespace(
+                ids=torch.zeros(B, length, dtype=torch.long, device=self.device),
+                mask=torch.ones(B, length, dtype=torch.long, device=self.device),
+                cache_position=torch.arange(length, device=self.device),
+                last=torch.zeros(1, dtype=torch.long, device=self.device), graph=None, logits=None)
+        st.ids[:, :T].copy_(input_ids)
+        st.ids[:, T:].zero_()
+        st.last.fill_(T - 1)
+        run = lambda: self._run(self._prefill_fns, st.ids, st.mask, st.cache_position, True, st.last)  # noqa: E731
+        return self._replay(st, run, f"prefill (batch {B}, {length} tokens)", new)
+
+    def _replay(self, st: SimpleNamespace, run: Callable[[], torch.Tensor], what: str, new: bool) -> torch.Tensor:
+        """``run()`` (one step through ``st``'s static buffers) as a CUDA graph replay; the graph is
+        captured on the first call. Off CUDA, ``run()`` itself."""
         if self.device.type != "cuda":
-            with _compiling(f"torch.compile decode (batch {B})", enabled=new and not self._quiet):
+            with _compiling(f"torch.compile {what}", enabled=new and self.compiled and not self._quiet):
                 return run()
         if st.graph is None:
-            # warm up (compiles) on a side stream, then capture; these runs write this very step's
-            # keys and values at this step's slot, so they leave the cache as the replay will
-            with _compiling(f"torch.compile + CUDA graph decode (batch {B})", enabled=not self._quiet):
+            # warm up (compiles) on a side stream, then capture; these runs write the step's keys
+            # and values at the step's slots, so they leave the cache as the replay will
+            with _compiling(f"torch.compile + CUDA graph {what}", enabled=not self._quiet):
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     for _ in range(2):
                         run()
                 torch.cuda.current_stream(self.device).wait_stream(side)
+                # one pool for every graph of this cache: they never run at once, and each keeps its output
                 self._pool = self._pool or torch.cuda.graph_pool_handle()
                 st.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(st.graph, pool=self._pool):
