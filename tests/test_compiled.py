@@ -139,7 +139,9 @@ def test_graphed_prefill_pads_the_prompt_and_keeps_its_logits(tiny):
     no graph): the prompt's last logits, decode after it and a second turn over the padded slots
     equal the prompt's own-length prefill's."""
     _, ckpt = tiny
-    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt), max_batch_size=2, max_seq_len=32, compile=False)
+    engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt), max_batch_size=2, max_seq_len=32, compile=False,
+                                      graph_prefill=True)
+    assert engine.graph_prefill
     g = torch.Generator().manual_seed(5)
     for n, batch, bucket in ((5, 2, 8), (9, 1, 16), (16, 1, 16)):
         prompt = torch.randint(0, 257, (n,), generator=g).tolist()

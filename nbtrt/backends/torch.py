@@ -6,7 +6,7 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   every layer, so compile time does not grow with depth;
 - prefill has a dynamic sequence length and attends over the filled cache slots only (an
   unpadded prefill with no past runs plain causal attention: no [T, T] mask to build);
-- opt-in (``engine.graph_prefill = True``), a causal prompt of up to ``GRAPH_PREFILL_TOKENS``
+- opt-in (``graph_prefill=True`` at load), a causal prompt of up to ``GRAPH_PREFILL_TOKENS``
   is padded to a bucketed length and prefilled by one CUDA graph replay (first token off the host);
 - decode has static shapes and the whole step is captured in one CUDA graph per batch size,
   so a token costs one graph replay instead of hundreds of kernel launches; on Hopper its
@@ -640,9 +640,11 @@ class TorchEngine(Engine):
     Build options (recorded in engine.json, overridable at load): ``compile`` (True / False /
     "auto": on for CUDA), ``quant`` (None or one of :data:`QUANT_FORMATS`, applied to the float
     weights at load; a quantized checkpoint brings its own), ``dtype`` (cast the weights, e.g.
-    "bfloat16").
+    "bfloat16"). Load only: ``graph_prefill`` (short causal prompts prefilled by CUDA graph
+    replays: a first token sooner, decode a few percent slower; README, "Graphed prefills").
 
     >>> engine = nbtrt.load(nbtrt.build(ckpt, "work/e", backend="torch", dtype="bfloat16"))  # doctest: +SKIP
+    >>> chat_engine = nbtrt.load("work/e", graph_prefill=True)  # doctest: +SKIP
     >>> engine = TorchEngine.from_decoder(model, max_seq_len=512)  # in memory, no files  # doctest: +SKIP
     """
 
@@ -662,7 +664,7 @@ class TorchEngine(Engine):
 
     def __init__(self, engine_dir: Path, manifest: dict, device: str | None = None, dtype: str | None = None,
                  compile: bool | str | None = None, quant: str | None = None, warmup: bool = True,
-                 model: Decoder | None = None):
+                 model: Decoder | None = None, graph_prefill: bool = False):
         super().__init__(engine_dir, manifest)
         opts = manifest.get("options", {})
         self.device = _pick_device(device)
@@ -699,9 +701,9 @@ class TorchEngine(Engine):
         self._prefill_kinds: set[tuple] = set()  # (batch > 1, causal): the prefill graphs compiled so far
         self.causal_prefill = True  # False: every prefill takes the masked path (for comparison)
         # True: causal prefills at bucketed lengths through static buffers and, on CUDA, captured
-        # graphs (prefill_bucket). Off by default: once a second graph is captured in a process, the
-        # decode graph's dependent launches stop overlapping (README, "Graphed prefills")
-        self.graph_prefill = False
+        # graphs (prefill_bucket). Off by default: once a graph with flash attention is captured in
+        # a process, the decode graph's dependent launches stop overlapping (README, "Graphed prefills")
+        self.graph_prefill = graph_prefill
         self._prefill_static: dict[tuple[int, int], SimpleNamespace] = {}
         self._quiet = False  # inside warmup(), which shows one line for everything
         self.compile_seconds = 0.0
