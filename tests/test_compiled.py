@@ -229,7 +229,8 @@ def test_cuda_graph_engine_matches_hf_bf16(tiny):
 def test_cuda_graphed_prefill_equals_the_unpadded_one(tiny, quant):
     """On CUDA a short causal prompt prefills through a captured graph at its bucketed length:
     logits, decode and a second turn as the prompt's own-length prefill gives them (fp32; INT4 in
-    bf16, where the padded rows change the kernel: nbtrt's for < 64 rows, dequantize + cuBLAS past)."""
+    bf16, where padding 50 rows to 64 changes the kernel: a GEMV kernel below 64, dequantize + cuBLAS
+    from 64)."""
     dtype = "bfloat16" if quant else "float32"
     engine = TorchEngine.from_decoder(nbtrt.model.load_decoder(tiny[1], device="cuda", dtype=dtype),
                                       max_batch_size=2, max_seq_len=96, quant=quant)
