@@ -422,7 +422,8 @@ def sec_kernels(R, quick):
 def sec_llama8b(R, quick, formats):
     """Each 8B engine, and the long prefill, in a process of its own (``--llama8b-part``), as a
     deployment runs one: engines built after another one in the same process ran their decode
-    graph 5-8 % slower, for reasons not found (benchmarks/experiments/loop_pauses.py)."""
+    graph 5-8 % slower (loop_pauses.py; graph_neighbours.py and graph_kinds.py found captured
+    graphs that take the decode graph's dependent-launch overlap away: README, "One engine a process")."""
     import subprocess
     import tempfile
 

@@ -867,8 +867,7 @@ class TorchEngine(Engine):
                 mask=torch.ones(B, length, dtype=torch.long, device=self.device),
                 cache_position=torch.arange(length, device=self.device),
                 last=torch.zeros(1, dtype=torch.long, device=self.device), graph=None, logits=None)
-        st.ids[:, :T].copy_(input_ids)
-        st.ids[:, T:].zero_()
+        st.ids[:, :T].copy_(input_ids)  # the rows past T keep what they held: no real row attends to them
         st.last.fill_(T - 1)
         run = lambda: self._run(self._prefill_fns, st.ids, st.mask, st.cache_position, True, st.last)  # noqa: E731
         return self._replay(st, run, f"prefill (batch {B}, {length} tokens)", new)
