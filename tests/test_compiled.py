@@ -664,3 +664,38 @@ def test_cuda_engine_tunes_its_kernels_with_kernel_ms(tiny, monkeypatch):
         e.begin(1)
     got, want = engine.step(ids, torch.ones_like(ids)), eager.step(ids, torch.ones_like(ids))
     assert rel_l2(want, got) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,KV,S,D", [(2, 6, 2, 11, 16), (1, 32, 8, 384, 128), (3, 14, 2, 200, 64),
+                                        (2, 4, 4, 9000, 80), (1, 8, 1, 130, 256)])
+@pytest.mark.parametrize("one_split", [False, True])
+def test_flash_decoding_kernel_equals_the_matmul_path(dtype, B, H, KV, S, D, one_split):
+    """nbtrt's decode attention kernels give what the matmul path gives: grouped query heads
+    (1, 3, 7 and 8 a KV head), head sizes that are and are not powers of two, caches of one
+    split, several, and longer splits (9000 slots), or all in one, slots masked as padding or
+    not yet filled; called directly and from a compiled graph."""
+    from nbtrt.backends import triton_attention
+    from nbtrt.backends.torch import _LIMIT_KEY, grouped_decode_attention
+
+    block = triton_attention.BLOCK_S
+    keys_per_split = block * -(-S // block) if one_split else triton_attention.split_plan(S)[0]
+    g = torch.Generator().manual_seed(S)
+    q, k, v = (torch.randn(*shape, generator=g).to("cuda", dtype) for shape in ((B, H, 1, D), (B, KV, S, D), (B, KV, S, D)))
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    for b in range(B):  # sequence b: its first 3b slots padding, then filled up to a length of its own
+        filled = S - 5 * b - 1
+        mask[b, ..., 3 * b:filled] = torch.rand(filled - 3 * b, generator=g) > 0.1
+        mask[b, ..., filled - 1] = True
+    mask = mask.cuda()
+    assert triton_attention.takes(q, k)
+    want = grouped_decode_attention(q.float(), k.float(), v.float(), mask, D ** -0.5)
+    args = (q, k, v, mask[:, 0, 0], D ** -0.5, keys_per_split)
+    eager = torch.ops.nbtrt.decode_attention(*args)
+    with torch._dynamo.config.patch(**{_LIMIT_KEY: 64}):  # one compile per case, one code object
+        compiled = torch.compile(lambda *a: torch.ops.nbtrt.decode_attention(*a), fullgraph=True)(*args)
+    for got in (eager, compiled):
+        assert got.dtype == dtype and got.shape == (B, H, 1, D)
+        assert rel_l2(want, got) <= (1e-5 if dtype == torch.float32 else 1e-2)

@@ -10,7 +10,8 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   is padded to a bucketed length and prefilled by one CUDA graph replay (first token off the host);
 - decode has static shapes and the whole step is captured in one CUDA graph per batch size,
   so a token costs one graph replay instead of hundreds of kernel launches; on Hopper its
-  kernels are programmatic dependent launches, each starting as the one before it ends;
+  kernels are programmatic dependent launches, each starting as the one before it ends, and its
+  attention is nbtrt's flash-decoding kernels (``triton_attention``);
 - quantized linears (INT8 / INT4 weight-only, FP8, W8A8; from an nbtrt.quantize checkpoint or
   quantized at load) replace ``nn.Linear`` in place and run through PyTorch's own kernels
   (tinygemm, ``_scaled_mm``, ``_int_mm``) or nbtrt's own; for the batch-1 decode GEMV Inductor
@@ -47,7 +48,7 @@ from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
 from ..model import ACTIVATIONS, TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
-from . import cuda_int4, cuda_int8, inductor_timing, triton_int8
+from . import cuda_int4, cuda_int8, inductor_timing, triton_attention, triton_int8
 
 # From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
 # the weight and call cuBLAS; fewer take nbtrt's INT4 kernel (or tinygemm), nbtrt's INT8 kernel
@@ -545,6 +546,14 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.bmm(probs.view(B * KV, G, S), v.reshape(B * KV, S, D)).view(B, H, 1, D)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """A decode step's attention: on CUDA nbtrt's flash-decoding kernels (:mod:`triton_attention`),
+    elsewhere :func:`grouped_decode_attention`. Arguments as there."""
+    if triton_attention.takes(q, k):
+        return torch.ops.nbtrt.decode_attention(q, k, v, mask[:, 0, 0], scale, triton_attention.split_plan(k.shape[2])[0])
+    return grouped_decode_attention(q, k, v, mask, scale)
+
+
 class _LayerKV:
     """One layer's static cache as a block sees it: write the new tokens at their slots, return the
     first ``width`` slots (all when None). The layer index is ignored on purpose: a graph that
@@ -609,7 +618,7 @@ def _decode_prelude(model, input_ids, attention_mask, cache_position, causal=Fal
 
 
 def _decode_block(block, x, rope, mask, k, v, cache_position):
-    return block(x, rope, mask, _LayerKV(k, v, decode_attention=grouped_decode_attention), cache_position)
+    return block(x, rope, mask, _LayerKV(k, v, decode_attention=decode_attention), cache_position)
 
 
 def _decode_head(model, x):
