@@ -681,7 +681,7 @@ def test_flash_decoding_kernel_equals_the_matmul_path(dtype, B, H, KV, S, D, one
     from nbtrt.backends.torch import _LIMIT_KEY, grouped_decode_attention
 
     block = triton_attention.BLOCK_S
-    keys_per_split = block * -(-S // block) if one_split else triton_attention.split_plan(S)[0]
+    split = block * -(-S // block) if one_split else triton_attention.keys_per_split(S)
     g = torch.Generator().manual_seed(S)
     q, k, v = (torch.randn(*shape, generator=g).to("cuda", dtype) for shape in ((B, H, 1, D), (B, KV, S, D), (B, KV, S, D)))
     mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
@@ -692,7 +692,7 @@ def test_flash_decoding_kernel_equals_the_matmul_path(dtype, B, H, KV, S, D, one
     mask = mask.cuda()
     assert triton_attention.takes(q, k)
     want = grouped_decode_attention(q.float(), k.float(), v.float(), mask, D ** -0.5)
-    args = (q, k, v, mask[:, 0, 0], D ** -0.5, keys_per_split)
+    args = (q, k, v, mask[:, 0, 0], D ** -0.5, split)
     eager = torch.ops.nbtrt.decode_attention(*args)
     with torch._dynamo.config.patch(**{_LIMIT_KEY: 64}):  # one compile per case, one code object
         compiled = torch.compile(lambda *a: torch.ops.nbtrt.decode_attention(*a), fullgraph=True)(*args)

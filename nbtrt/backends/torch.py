@@ -550,7 +550,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """A decode step's attention: on CUDA nbtrt's flash-decoding kernels (:mod:`triton_attention`),
     elsewhere :func:`grouped_decode_attention`. Arguments as there."""
     if triton_attention.takes(q, k):
-        return torch.ops.nbtrt.decode_attention(q, k, v, mask[:, 0, 0], scale, triton_attention.split_plan(k.shape[2])[0])
+        split = triton_attention.keys_per_split(k.shape[2])
+        return torch.ops.nbtrt.decode_attention(q, k, v, mask[:, 0, 0], scale, split)
     return grouped_decode_attention(q, k, v, mask, scale)
 
 
@@ -710,8 +711,8 @@ class TorchEngine(Engine):
         self._prefill_kinds: set[tuple] = set()  # (batch > 1, causal): the prefill graphs compiled so far
         self.causal_prefill = True  # False: every prefill takes the masked path (for comparison)
         # True: causal prefills at bucketed lengths through static buffers and, on CUDA, captured
-        # graphs (prefill_bucket). Off by default: once a graph with flash attention is captured in
-        # a process, the decode graph's dependent launches stop overlapping (README, "Graphed prefills")
+        # graphs (prefill_bucket). Off by default: once a prefill graph is captured in a process,
+        # the decode graph's dependent launches stop overlapping (README, "Graphed prefills")
         self.graph_prefill = graph_prefill
         self._prefill_static: dict[tuple[int, int], SimpleNamespace] = {}
         self._quiet = False  # inside warmup(), which shows one line for everything

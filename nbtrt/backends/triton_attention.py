@@ -11,17 +11,17 @@ values; a second kernel merges the splits. Scores are float32, as in SDPA; maske
 out. Registered with ``torch.library.triton_op`` so Inductor compiles both kernels into the
 decode graph.
 
->>> out = torch.ops.nbtrt.decode_attention(q, k, v, seen, scale, split_plan(k.shape[2])[0])  # doctest: +SKIP
+>>> out = torch.ops.nbtrt.decode_attention(q, k, v, seen, scale, keys_per_split(k.shape[2]))  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 from torch.library import triton_op, wrap_triton
 
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # a constant: compiled code reads it
+from .triton_int8 import TRITON_INSTALLED
+
 BLOCK_S = 64  # cache slots a loop iteration reads
 MAX_SPLITS = 64  # the merge kernel holds every split's partial row at once
 
@@ -32,18 +32,16 @@ def takes(q: torch.Tensor, k: torch.Tensor) -> bool:
             and k.dtype == q.dtype and 16 <= q.shape[-1] <= 256)
 
 
-def split_plan(slots: int) -> tuple[int, int]:
-    """(keys_per_split, splits) for a cache of ``slots``: splits of one block while there are at
-    most MAX_SPLITS of them, longer splits past that. (8B config, 384 slots, H100: one split a
+def keys_per_split(slots: int) -> int:
+    """The cache slots each split reads for a cache of ``slots``: one block while that makes at
+    most MAX_SPLITS splits, longer splits past that. (8B config, 384 slots, H100: one split a
     sequence and KV head, with no merge kernel, made the INT4 step 2.135 ms against 2.001;
     blocks of 32 slots 2.008.)
 
-    >>> split_plan(384), split_plan(8192)
-    ((64, 6), (128, 64))
+    >>> keys_per_split(384), keys_per_split(8192)
+    (64, 128)
     """
-    blocks = -(-slots // BLOCK_S)
-    keys_per_split = BLOCK_S * -(-blocks // MAX_SPLITS)
-    return keys_per_split, -(-slots // keys_per_split)
+    return BLOCK_S * -(-slots // (BLOCK_S * MAX_SPLITS))
 
 
 @functools.cache
@@ -108,9 +106,9 @@ def _kernels():
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor,
-                     scale: float, keys_per_split: int) -> torch.Tensor:
+                     scale: float, split: int) -> torch.Tensor:
     """``q`` [B, H, 1, D], ``k``/``v`` [B, KV, S, D] (the cache, last dim contiguous), ``seen`` [B, S]
-    (bool, True: the slot is attended), ``keys_per_split`` a multiple of BLOCK_S (:func:`split_plan`)
+    (bool, True: the slot is attended), ``split`` a multiple of BLOCK_S (:func:`keys_per_split`)
     -> [B, H, 1, D] in q's dtype (callers check :func:`takes`)."""
     import triton
 
@@ -118,7 +116,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: to
     KV, S = k.shape[1], k.shape[2]
     G = H // KV
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    splits = -(-S // keys_per_split)
+    splits = -(-S // split)
     acc = q.new_empty(B * KV * splits * G, D, dtype=torch.float32)
     row_max = q.new_empty(B * KV * splits * G, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
@@ -130,7 +128,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: to
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         seen.stride(0), seen.stride(1),
         D=D, BLOCK_D=block_d, ROWS=max(16, triton.next_power_of_2(G)), BLOCK_S=BLOCK_S,
-        KEYS_PER_SPLIT=keys_per_split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KEYS_PER_SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=1 if q.element_size() * block_d > 512 else 3)  # fp32 x 256: one stage fits
     wrap_triton(merge_kernel)[(B * KV, G)](
         acc, row_max, row_sum, out, G, splits, out.stride(0), out.stride(1), KV,
