@@ -416,6 +416,27 @@ def test_int4_mma_kernel_equals_dequantize_then_matmul(rows, out_features, in_fe
     assert rel_l2(x.float() @ weight.t(), got) <= 4e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [64, 100, 300])
+@pytest.mark.parametrize("out_features,in_features,group", [(4096, 4096, 128), (4096, 14336, 128), (48, 576, 64),
+                                                            (160, 512, 256)])
+def test_int4_triton_kernel_equals_dequantize_then_matmul(rows, out_features, in_features, group):
+    """The Triton kernel reads the packed words as they are (nibbles in the decode kernel's order,
+    inputs taken in that order too) and gives the dequantized weight's product (fp32) within bf16
+    rounding, for rows that fill its row tiles or not and weights of whole and partial column tiles."""
+    from nbtrt.backends import cuda_int4, triton_int4
+
+    torch.manual_seed(0)
+    u = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cuda")
+    scale = (torch.rand(out_features, in_features // group, device="cuda") / 50 + 1e-3).bfloat16()
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    assert triton_int4.takes(x)
+    weight = (u - 8).float() * scale.float().repeat_interleave(group, 1)
+    got = torch.ops.nbtrt.int4_weight_mm(x, cuda_int4.pack(u), scale.t().contiguous(), group)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    assert rel_l2(x.float() @ weight.t(), got) <= 4e-3
+
+
 def test_dependent_launch_structs_have_cuda_h_layout():
     """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute by offset, as cuda.h lays them out
     on 64-bit hosts; the attribute is CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6), on."""
@@ -450,7 +471,7 @@ def test_gate_up_interleave_puts_a_tiles_gate_rows_over_its_up_rows():
 @pytest.mark.parametrize("rows", [1, 5, 63, 80])
 def test_int4_gated_input_equals_its_two_projections(activation, rows):
     """``act(gate(x)) * up(x)`` from the fused module (one launch, the activation applied in the
-    kernel; 64 rows or more: one dequantized matmul) equals the two INT4 linears and the
+    kernel; 64 rows or more: one matmul of the interleaved weight) equals the two INT4 linears and the
     activation run apart."""
     from nbtrt.backends.torch import Int4GatedInput, Int4WeightOnlyLinear
     from nbtrt.model import ACTIVATIONS
@@ -568,25 +589,51 @@ def test_compiled_int8_linear_takes_its_kernel_by_rows():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_int4_linear_takes_its_kernel_by_rows():
+    """Compiled, an INT4 linear runs nbtrt's kernel in the graph below MANY_ROWS rows, the Triton
+    kernel up to INT4_TRITON_MAX_ROWS and dequantize + cuBLAS past it; all agree with the eager
+    module's dequantized weight."""
+    from torch._inductor.utils import run_and_get_code
+
+    from nbtrt.backends.torch import INT4_TRITON_MAX_ROWS, MANY_ROWS
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(torch.nn.Linear(512, 768, bias=False).cuda().bfloat16())
+    quantize_linears(holder, "int4_wo")
+    lin = holder[0]
+    assert lin.mma, lin.mma_unavailable
+    kernels = ("nbtrt.int4_mm", "int4_weight_mm_kernel", "nbtrt.int4_dequantize")  # nbtrt's, Triton, cuBLAS
+    for rows, kernel in ((MANY_ROWS - 1, kernels[0]), (MANY_ROWS, kernels[1]), (INT4_TRITON_MAX_ROWS, kernels[1]),
+                         (INT4_TRITON_MAX_ROWS + 1, kernels[2])):
+        x = torch.randn(rows, 1, 512, device="cuda", dtype=torch.bfloat16)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got, (code,) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+            want = x @ lin.dequantize().t()
+        assert rel_l2(want, got) <= 1e-2
+        assert [k for k in kernels if k in code] == [kernel], rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quantized_cuda_warmup_compiles_the_prefill_of_every_row_range(tmp_path):
     """Weight-only linears pick their kernel by rows (INT8: nbtrt's kernel up to 8, Triton tile of
-    16 or 64 rows, then dequantize + cuBLAS; INT4: nbtrt's kernel, then dequantize + cuBLAS), so a
-    prefill graph serves one
-    range of prompt lengths. Warm-up compiles them all: no prompt compiles later, and every range
-    gives logits close to the unquantized engine's."""
+    16 or 64 rows, then dequantize + cuBLAS; INT4: nbtrt's kernel, the Triton kernel up to 128
+    rows, then dequantize + cuBLAS), so a prefill graph serves one range of prompt lengths.
+    Warm-up compiles them all: no prompt compiles later, and every range gives logits close to the
+    unquantized engine's."""
     from torch._dynamo.utils import counters
 
     src = tiny_hf_model(ARCH, tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                         num_key_value_heads=2)
     ckpt = nbtrt.convert(src, tmp_path / "ckpt")
     engines = {quant: TorchEngine.from_decoder(nbtrt.model.load_decoder(ckpt, device="cuda", dtype="bfloat16"),
-                                               max_input_len=80, max_seq_len=96, quant=quant)
+                                               max_input_len=140, max_seq_len=160, quant=quant)
                for quant in (None, "int8_wo", "int4_wo")}
     layers = engines[None].config.num_layers
     assert engines["int4_wo"].quant_report["fused_gate_up"] == engines["int8_wo"].quant_report["fused_gate_up"] == layers
-    tokens = torch.randint(0, 257, (70,)).tolist()
+    tokens = torch.randint(0, 257, (135,)).tolist()
     compiled = {}
-    for n in (5, 12, 30, 70):
+    for n in (5, 12, 30, 70, 135):
         logits = {}
         prompt = torch.tensor([tokens[:n]], device="cuda")  # a fresh tensor: a slice's strides are guarded too
         for quant, engine in engines.items():

@@ -18,8 +18,10 @@ Compiled (the default on CUDA), gpt-fast style but *regional*:
   fuses the INT8 dequantization into the reduction (``coordinate_descent_tuning`` turns ``mm``
   with M=1 into one), INT8 with 2-8 rows and INT4 with a few rows take CUDA kernels compiled by
   NVRTC (``cuda_int8``, ``cuda_int4``; a gated MLP's gate and up become one ``Int8GatedInput`` /
-  ``Int4GatedInput`` on them), INT8 with more rows a Triton kernel (``triton_int8``), and
-  weight-only calls of ``MANY_ROWS`` rows or more dequantize inside the graph, then call cuBLAS.
+  ``Int4GatedInput`` on them), INT8 with more rows a Triton kernel (``triton_int8``), INT4 of
+  ``MANY_ROWS`` to ``INT4_TRITON_MAX_ROWS`` rows (a short prefill) a Triton kernel that reads the
+  packed weight (``triton_int4``), and weight-only calls of more rows dequantize inside the
+  graph, then call cuBLAS.
 
 Inductor tunes every kernel it generates the first time it runs; on CUDA the engine has it time
 them as the graph runs them, without the host's launch (``inductor_timing``). Inductor's on-disk
@@ -48,12 +50,17 @@ from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
 from ..model import ACTIVATIONS, TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
-from . import cuda_int4, cuda_int8, inductor_timing, triton_attention, triton_int8
+from . import cuda_int4, cuda_int8, inductor_timing, triton_attention, triton_int4, triton_int8
 
 # From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
 # the weight and call cuBLAS; fewer take nbtrt's INT4 kernel (or tinygemm), nbtrt's INT8 kernel
 # (2-8 rows) or the Triton INT8 kernel. Measured on an H100, 8B config: README, "Quantized linears by rows".
 MANY_ROWS = 64
+# INT4 calls of MANY_ROWS up to this many rows take the Triton kernel that reads the packed weight
+# (triton_int4), more dequantize it for cuBLAS. On an H100 the 8B shapes' 128-row calls took the
+# same GPU time either way within 0.85-1.25x, 512 rows 1.5-2.6x as long in Triton, and the kernel
+# saves the host the dequantization op's call (a short prefill is bound by the host).
+INT4_TRITON_MAX_ROWS = 128
 DYNAMO_RECOMPILE_LIMIT = 64  # every engine in a process shares the compiled functions' caches
 # renamed from cache_size_limit in recent PyTorch
 _LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -215,7 +222,9 @@ class Int4WeightOnlyLinear(nn.Module):
       (:mod:`nbtrt.backends.cuda_int4`, the weight pre-shuffled for it), or tinygemm
       (``aten._weight_int4pack_mm``, which computes ``(u - 8) * scale + zero`` with u = q + 8 and
       zero = 0) where that kernel cannot run; ``mma_unavailable`` says why;
-    - on CUDA, ``MANY_ROWS`` rows or more (with tinygemm, of a prefill only): the weight
+    - on CUDA with nbtrt's kernel's layout, ``MANY_ROWS`` to ``INT4_TRITON_MAX_ROWS`` rows: the
+      Triton kernel that reads that layout (:mod:`nbtrt.backends.triton_int4`);
+    - on CUDA, more rows (with tinygemm, ``MANY_ROWS`` rows or more of a prefill): the weight
       dequantized to bf16, then one cuBLAS matmul (tinygemm's time grows with the rows: an 8B
       model's linears took 6.9 ms for one row, 65 ms for 128, 959 ms for 2048 on an H100);
     - on a CPU: tinygemm's CPU kernel."""
@@ -278,7 +287,9 @@ class Int4WeightOnlyLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales.to(x.dtype))
         elif self.mma and not many:
             y = torch.ops.nbtrt.int4_mm(x2.to(torch.bfloat16), self.packed, self.scales, self.group_size).to(x.dtype)
-        elif self.mma or (prefill and self.tile_order is not None):
+        elif self.mma:
+            y = _int4_many_rows(x2.to(torch.bfloat16), self.packed, self.scales, self.group_size).to(x.dtype)
+        elif prefill and self.tile_order is not None:
             y = F.linear(x2.to(torch.bfloat16), self.dequantize()).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
@@ -287,12 +298,20 @@ class Int4WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _int4_many_rows(x2: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, group: int) -> torch.Tensor:
+    """bf16 ``x2`` (``MANY_ROWS`` rows or more) times a weight in nbtrt's INT4 layout."""
+    if x2.shape[0] <= INT4_TRITON_MAX_ROWS and triton_int4.takes(x2):
+        return torch.ops.nbtrt.int4_weight_mm(x2, words, scales_t, group)
+    return F.linear(x2, torch.ops.nbtrt.int4_dequantize(words, scales_t, group))
+
+
 class Int4GatedInput(nn.Module):
     """A gated MLP's two INT4 projections and its activation as one module, ``act(gate(x)) * up(x)``,
     for nbtrt's INT4 kernel: one launch reads both weights (rows interleaved by
     :func:`cuda_int4.interleave_gate_up`) and applies the activation before it writes, where the
     unfused step took two launches and a third kernel for the activation. ``MANY_ROWS`` rows or
-    more: the interleaved weight dequantized, one cuBLAS matmul, then the activation.
+    more: one matmul of the interleaved weight (as :class:`Int4WeightOnlyLinear` chooses it), then
+    the activation.
 
     >>> mlp.gate_input = Int4GatedInput(mlp.gate, mlp.up, "silu")  # what the engine does  # doctest: +SKIP
     """
@@ -325,8 +344,7 @@ class Int4GatedInput(nn.Module):
         if x2.shape[0] < MANY_ROWS:
             h = torch.ops.nbtrt.int4_gated_mm(x2, self.packed, self.scales, self.group_size, self.activation)
         else:
-            both = F.linear(x2, torch.ops.nbtrt.int4_dequantize(self.packed, self.scales, self.group_size))
-            both = both.view(-1, I // 8, 2, 8)
+            both = _int4_many_rows(x2, self.packed, self.scales, self.group_size).view(-1, I // 8, 2, 8)
             h = ACTIVATIONS[self.activation](both[:, :, 0].reshape(-1, I)) * both[:, :, 1].reshape(-1, I)
         return h.to(x.dtype).reshape(*x.shape[:-1], I)
 
@@ -781,7 +799,7 @@ class TorchEngine(Engine):
         rows = {triton_int8.ROW_TILES[0] + 1}
         if self.device.type == "cuda" and any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear))
                                               for m in self.model.modules()):
-            rows |= {cuda_int8.MAX_ROWS + 1, MANY_ROWS}
+            rows |= {cuda_int8.MAX_ROWS + 1, MANY_ROWS, INT4_TRITON_MAX_ROWS + 1}
         lengths = {min(self.limits.max_input_len, -(-r // batch_size)) for r in rows}
         return sorted(n for n in lengths if n > 2)
 
