@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.experiments.prefill_host import host_and_gpu_ms
 from benchmarks.gpu import DEV, llama8b_random, profile_kernels, rel_l2, sync
 from nbtrt.backends import cuda_int4, triton_int4
 from nbtrt.backends import torch as torch_backend
@@ -73,15 +74,20 @@ def kernels(R):
         torch.cuda.empty_cache()
 
 
-def engine(R, prompt=128, calls=7):
+def int4_8b_engine(prompt: int, compile: bool):
+    """The 8B config's INT4 engine over random weights (not warmed up), and a random prompt."""
     from nbtrt.backends.torch import TorchEngine
 
     model = llama8b_random(quick=False)
-    eng = TorchEngine.from_decoder(model, max_batch_size=1, max_seq_len=prompt + 256, compile=True,
+    eng = TorchEngine.from_decoder(model, max_batch_size=1, max_seq_len=prompt + 256, compile=compile,
                                    quant="int4_wo", warmup=False)
-    ids = torch.randint(0, model.cfg.vocab_size, (1, prompt), device=DEV)
+    return eng, torch.randint(0, model.cfg.vocab_size, (1, prompt), device=DEV)
+
+
+def engine(R, prompt=128, calls=7):
+    eng, ids = int4_8b_engine(prompt, compile=True)
     logits = {}
-    for label, max_rows in (("dequant_cublas", 0), ("triton", 2048)):
+    for label, max_rows in (("dequant_cublas", 0), ("triton", 128)):
         torch_backend.INT4_TRITON_MAX_ROWS = max_rows
         with torch.inference_mode():
             logits[label] = eng.model(ids).float()[:, -1]  # eager: the same modules, uncompiled
@@ -94,17 +100,7 @@ def engine(R, prompt=128, calls=7):
         prefill()
         sync()
         first_s = time.perf_counter() - t
-        host, gpu = [], []
-        for _ in range(calls):
-            sync()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t = time.perf_counter()
-            start.record()
-            prefill()
-            end.record()
-            sync()
-            host.append((time.perf_counter() - t) * 1e3)
-            gpu.append(start.elapsed_time(end))
+        host, gpu = host_and_gpu_ms(prefill, calls)
         prof = profile_kernels(prefill, 1, top=8)
         row = {"first_call_s": first_s, "host_ms": host, "gpu_ms": gpu, "host_ms_median": statistics.median(host),
                "gpu_ms_median": statistics.median(gpu), "kernels_ms": prof[0]["total_us"] / 1e3,
@@ -122,12 +118,7 @@ def noise(R, prompt=128):
     and its math backend (a reordering of attention alone), all pairs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from nbtrt.backends.torch import TorchEngine
-
-    model = llama8b_random(quick=False)
-    eng = TorchEngine.from_decoder(model, max_batch_size=1, max_seq_len=prompt + 8, compile=False,
-                                   quant="int4_wo", warmup=False)
-    ids = torch.randint(0, model.cfg.vocab_size, (1, prompt), device=DEV)
+    eng, ids = int4_8b_engine(prompt, compile=False)
     logits = {}
     for path, max_rows in (("dequant_cublas", 0), ("triton", 128)):
         torch_backend.INT4_TRITON_MAX_ROWS = max_rows

@@ -34,6 +34,23 @@ def host_profile(fn) -> list[dict]:
     return sorted(rows, key=lambda r: -r["self_cpu_ms"])[:25]
 
 
+def host_and_gpu_ms(fn, calls: int) -> tuple[list[float], list[float]]:
+    """Milliseconds of each of ``calls`` calls of ``fn``, synchronised: by the host's clock, and
+    the GPU's span (CUDA events around it)."""
+    host, gpu = [], []
+    for _ in range(calls):
+        sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        sync()
+        host.append((time.perf_counter() - t) * 1e3)
+        gpu.append(start.elapsed_time(end))
+    return host, gpu
+
+
 def piece_host_ms(eng, ids) -> dict[str, list[float]]:
     """Host milliseconds of each prefill piece (prelude, every layer's block, head) over 3 prefills:
     a piece returns once its kernels are queued."""
@@ -80,17 +97,7 @@ def main(out):
             eng.begin(1)
             return eng.step(ids, torch.ones_like(ids))
 
-        host, gpu = [], []
-        for _ in range(CALLS):
-            sync()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t = time.perf_counter()
-            start.record()
-            prefill()
-            end.record()
-            sync()
-            host.append((time.perf_counter() - t) * 1e3)
-            gpu.append(start.elapsed_time(end))
+        host, gpu = host_and_gpu_ms(prefill, CALLS)
         pieces = piece_host_ms(eng, ids)
         prof = profile_kernels(prefill, 1, top=8)
         cpu = host_profile(prefill)
