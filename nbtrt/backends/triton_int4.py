@@ -84,7 +84,8 @@ def _kernel(configs: tuple = CONFIGS):
 
 
 def takes(x2: torch.Tensor) -> bool:
-    """Whether the kernel runs ``x2 [rows, K]`` (once in bf16): on CUDA, K whole 64-input chunks."""
+    """Whether the kernel runs ``x2 [rows, K]`` (the callers pass it in bf16): on CUDA, K whole
+    64-input chunks."""
     return x2.is_cuda and x2.shape[1] % 64 == 0 and TRITON_INSTALLED
 
 
