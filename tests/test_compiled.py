@@ -395,6 +395,15 @@ def test_int4_mma_layout_unpacks_to_the_nibbles_it_packed():
     assert not cuda_int4.fits(40, 192, 64) and not cuda_int4.fits(48, 192, 32) and cuda_int4.fits(48, 192, 64)
 
 
+def _random_int4_weight(out_features: int, in_features: int, group: int):
+    """Seeded nibbles u = q + 8 [N, K] and bf16 scales [N, K / group] on CUDA, and the fp32 weight
+    they stand for, ``(u - 8) * scale``."""
+    torch.manual_seed(0)
+    u = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cuda")
+    scale = (torch.rand(out_features, in_features // group, device="cuda") / 50 + 1e-3).bfloat16()
+    return u, scale, (u - 8).float() * scale.float().repeat_interleave(group, 1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 63])
 @pytest.mark.parametrize("out_features,in_features,group", [(4096, 4096, 128), (6144, 4096, 128), (4096, 14336, 128),
@@ -405,12 +414,9 @@ def test_int4_mma_kernel_equals_dequantize_then_matmul(rows, out_features, in_fe
     shapes (1, 8 and 16 warps a block) and small ones (1 warp, groups of 64 and 256)."""
     from nbtrt.backends import cuda_int4
 
-    torch.manual_seed(0)
-    u = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cuda")
-    scale = (torch.rand(out_features, in_features // group, device="cuda") / 50 + 1e-3).bfloat16()
+    u, scale, weight = _random_int4_weight(out_features, in_features, group)
     assert cuda_int4.unavailable_reason(u.device, out_features, in_features, group) is None
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
-    weight = (u - 8).float() * scale.float().repeat_interleave(group, 1)
     got = torch.ops.nbtrt.int4_mm(x, cuda_int4.pack(u), scale.t().contiguous(), group)
     assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
     assert rel_l2(x.float() @ weight.t(), got) <= 4e-3
@@ -426,12 +432,9 @@ def test_int4_triton_kernel_equals_dequantize_then_matmul(rows, out_features, in
     rounding, for rows that fill its row tiles or not and weights of whole and partial column tiles."""
     from nbtrt.backends import cuda_int4, triton_int4
 
-    torch.manual_seed(0)
-    u = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device="cuda")
-    scale = (torch.rand(out_features, in_features // group, device="cuda") / 50 + 1e-3).bfloat16()
+    u, scale, weight = _random_int4_weight(out_features, in_features, group)
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
     assert triton_int4.takes(x)
-    weight = (u - 8).float() * scale.float().repeat_interleave(group, 1)
     got = torch.ops.nbtrt.int4_weight_mm(x, cuda_int4.pack(u), scale.t().contiguous(), group)
     assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
     assert rel_l2(x.float() @ weight.t(), got) <= 4e-3

@@ -797,9 +797,11 @@ class TorchEngine(Engine):
         first real prompt could compile the prefill again (seen on a config with 2 KV heads);
         and on CUDA, weight-only linears choose their kernel (INT8 its row tile too) by rows."""
         rows = {triton_int8.ROW_TILES[0] + 1}
-        if self.device.type == "cuda" and any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear))
-                                              for m in self.model.modules()):
-            rows |= {cuda_int8.MAX_ROWS + 1, MANY_ROWS, INT4_TRITON_MAX_ROWS + 1}
+        weight_only = [m for m in self.model.modules() if isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear))]
+        if self.device.type == "cuda" and weight_only:
+            rows |= {cuda_int8.MAX_ROWS + 1, MANY_ROWS}
+            if any(getattr(m, "mma", False) for m in weight_only):  # INT4 in nbtrt's layout: Triton, then cuBLAS
+                rows.add(INT4_TRITON_MAX_ROWS + 1)
         lengths = {min(self.limits.max_input_len, -(-r // batch_size)) for r in rows}
         return sorted(n for n in lengths if n > 2)
 
