@@ -31,6 +31,9 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 class StaticKVCache(nn.Module):
     """Preallocated [batch, kv_heads, max_seq_len, head_dim] buffers, written at ``cache_position``.
 
+    Every KV cache answers ``attend(layer, q, k, v, mask, scale, cache_position)``: store the new
+    keys and values, return the attention output [B, H, T, D]. That is what a runtime replaces.
+
     The attention mask passed to the decoder covers all ``max_seq_len`` slots.
     """
 
@@ -50,6 +53,9 @@ class StaticKVCache(nn.Module):
         v_all.index_copy_(2, cache_position, v.to(v_all.dtype))
         return k_all, v_all
 
+    def attend(self, layer: int, q, k, v, mask, scale: float, cache_position):
+        return dense_attention(q, *self.update(layer, k, v, cache_position), mask, scale)
+
     def reset(self) -> None:
         for buf in self.buffers():
             buf.zero_()
@@ -66,6 +72,20 @@ class ConcatKVCache:
         past_k, past_v = self.past[layer]
         self.present[layer] = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
         return self.present[layer]
+
+    def attend(self, layer: int, q, k, v, mask, scale: float, cache_position):
+        return dense_attention(q, *self.update(layer, k, v, cache_position), mask, scale)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """Attention of ``q`` [B, H, T, D] over a contiguous cache ``k``/``v`` [B, KV, S, D]; ``mask``
+    [B, 1, T, S] bool (True: seen), or None for plain causal attention (no padding, no past)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 # ------------------------------------------------------------------------------ layers
@@ -156,17 +176,10 @@ class Attention(nn.Module):
             cos, sin = rope
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        k, v = kv.update(self.index, self.k_quant(k), self.v_quant(v), cache_position)
-        decode_attention = getattr(kv, "decode_attention", None)  # a runtime's own kernel for one new token
-        if T == 1 and mask is not None and decode_attention is not None:
-            out = decode_attention(q, k, v, mask, self.scale)
-        else:
-            groups = cfg.num_heads // cfg.num_kv_heads
-            if groups > 1:  # explicit GQA expansion: exports to plain ONNX ops
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
-            # mask None means plain causal (no padding, no past): fast engines then skip the [T, S] mask
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        # The KV cache object is the attention's swap point: it stores this step's keys and values
+        # and attends over what it holds (a static cache, ONNX's past/present, a runtime's paged pool
+        # with its own kernels). mask None means plain causal (no padding, no past).
+        out = kv.attend(self.index, q, self.k_quant(k), self.v_quant(v), mask, self.scale, cache_position)
         return self.o(out.transpose(1, 2).reshape(B, T, cfg.q_size))
 
 

@@ -49,7 +49,7 @@ from ..checkpoint import WEIGHTS
 from ..config import check_dtype
 from ..engine import Engine, EngineLimits, register_backend
 from ..generate import GenerationError
-from ..model import ACTIVATIONS, TORCH_DTYPES, Decoder, StaticKVCache, positions_from_mask
+from ..model import ACTIVATIONS, TORCH_DTYPES, Decoder, StaticKVCache, dense_attention, positions_from_mask
 from . import cuda_int4, cuda_int8, inductor_timing, triton_attention, triton_int4, triton_int8
 
 # From this many rows (tokens of all sequences in one call) weight-only linears on CUDA dequantize
@@ -577,7 +577,7 @@ class _LayerKV:
     """One layer's static cache as a block sees it: write the new tokens at their slots, return the
     first ``width`` slots (all when None). The layer index is ignored on purpose: a graph that
     does not depend on it serves every layer. ``decode_attention``, when set, replaces SDPA for a
-    one-token step (Attention reads it)."""
+    one-token step (in attend)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, width=None, decode_attention=None):
         self.k, self.v, self.width, self.decode_attention = k, v, width, decode_attention
@@ -588,6 +588,12 @@ class _LayerKV:
         if self.width is None:
             return self.k, self.v
         return self.k[:, :, : self.width], self.v[:, :, : self.width]
+
+    def attend(self, layer, q, k, v, mask, scale, cache_position):
+        k_all, v_all = self.update(layer, k, v, cache_position)
+        if q.shape[2] == 1 and mask is not None and self.decode_attention is not None:
+            return self.decode_attention(q, k_all, v_all, mask, scale)
+        return dense_attention(q, k_all, v_all, mask, scale)
 
 
 def _prelude(model: Decoder, input_ids, attention_mask, cache_position, causal: bool = False):
