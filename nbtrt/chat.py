@@ -23,11 +23,12 @@ import json
 import re
 import sys
 import threading
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from .generate import GenerationError, GenerationStats, SamplingParams
+from .generate import GenerationError, GenerationStats, SamplingParams, check_text
 
 ROLES = ("system", "user", "assistant")
 _MARK = "\ue000{}\ue001"  # private-use characters: stand-ins for message text while the template renders
@@ -52,6 +53,7 @@ def check_messages(messages: list[dict], *, for_generation: bool = True) -> list
         if not isinstance(m.get("content"), str):
             raise GenerationError(f"message {i} ({m['role']}) content must be a string, "
                                   f"got {type(m.get('content')).__name__}")
+        check_text(f"message {i} ({m['role']}) content", m["content"])
     offset = 1 if messages[0]["role"] == "system" else 0
     for j, m in enumerate(messages[offset:]):
         want = ("user", "assistant")[j % 2]
@@ -117,6 +119,7 @@ class ChatSession:
         self.system = system or None
         self.sampling = sampling
         self.history: list[dict] = []
+        self._answer = None  # weak reference to the answer being streamed (its generator)
 
     def messages(self, text: str) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -125,20 +128,25 @@ class ChatSession:
     def send(self, text: str, *, cancel: threading.Event | None = None, stats: GenerationStats | None = None,
              **sampling) -> Iterator[str]:
         """Stream the answer to ``text``. Bad input raises here and leaves the history unchanged."""
-        if not isinstance(text, str):
-            raise GenerationError(f"a chat message must be a string, got {type(text).__name__}")
+        check_text("a chat message", text)
+        previous = self._answer() if self._answer is not None else None
+        if previous is not None and previous.gi_frame is not None:  # neither finished nor closed
+            # its user message and answer join the history only when it ends: sending now would
+            # put this message before them
+            raise GenerationError("the previous answer is still streaming: read it to the end or call .close() "
+                                  "on it (or wait for it) before sending the next message")
         ids = apply_chat_template(self.engine.tokenizer, self.messages(text))
         options = {**self.sampling, **{k: v for k, v in sampling.items() if v is not None}}
         limits = getattr(self.engine, "limits", None)
         if limits is not None:
-            if len(ids) > limits.max_input_len:
-                raise GenerationError(f"the conversation is now {len(ids)} tokens, more than this engine's "
-                                      f"max_input_len={limits.max_input_len}; clear the history or send less")
+            limits.check_prompt(len(ids), "the conversation")
             # a long conversation leaves less room in the KV cache: answer shorter rather than fail
             wanted = self.engine.sampling(**options).max_new_tokens
-            options["max_new_tokens"] = max(1, min(wanted, limits.max_seq_len - len(ids) + 1))
+            options["max_new_tokens"] = max(1, min(wanted, limits.room(len(ids))))
         deltas = self.engine.stream(ids, cancel=cancel, stats=stats, **options)
-        return self._record(text, deltas)
+        answer = self._record(text, deltas)
+        self._answer = weakref.ref(answer)
+        return answer
 
     def _record(self, text: str, deltas: Iterator[str]) -> Iterator[str]:
         answer: list[str] = []

@@ -8,8 +8,10 @@ and text helpers from :class:`Engine`.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import numbers
+import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +22,9 @@ import torch
 from ._io import ArtifactError, atomic_dir, copy_tokenizer_files, file_sha256, read_json, write_json
 from .checkpoint import checkpoint_hash
 from .config import DecoderConfig, load_checkpoint_config
-from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_length, exclusive,
-                       generate_text, generate_tokens)
+from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_text, generate_text,
+                       generate_tokens)
+from .turns import Turns, exclusive, leased_stream
 from .model import TORCH_DTYPES
 
 ENGINE_JSON = "engine.json"
@@ -50,10 +53,47 @@ class EngineLimits:
     max_seq_len: int = 2048
 
     def __post_init__(self):
+        for name in ("max_batch_size", "max_input_len", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be an integer")
         if min(self.max_batch_size, self.max_input_len, self.max_seq_len) < 1:
             raise ValueError(f"engine limits must be positive, got {self}")
         if self.max_input_len > self.max_seq_len:
             raise ValueError(f"max_input_len ({self.max_input_len}) must not exceed max_seq_len ({self.max_seq_len})")
+
+    # The one source of truth for what a request may ask of an engine: Engine.check_request (before
+    # a request), the backends' check_batch / check_step (inside begin / step) and the chat session
+    # (a growing conversation) all call these.
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size > self.max_batch_size:
+            raise GenerationError(f"a batch of {batch_size} exceeds this engine's max_batch_size={self.max_batch_size}; "
+                                  "split the request or rebuild with a larger max_batch_size")
+
+    def check_prompt(self, length: int, what: str = "the prompt") -> None:
+        if length > self.max_input_len:
+            raise GenerationError(f"{what} has {length} tokens, more than this engine's max_input_len="
+                                  f"{self.max_input_len}; shorten it or rebuild the engine with a larger max_input_len")
+
+    def room(self, prompt_len: int) -> int:
+        """The most new tokens after a ``prompt_len``-token (padded) prompt: the KV cache holds the
+        prompt plus every generated token but the last."""
+        return self.max_seq_len - prompt_len + 1
+
+    def check_new_tokens(self, prompt_len: int, max_new_tokens: int) -> None:
+        if max_new_tokens > self.room(prompt_len):
+            raise GenerationError(
+                f"a {prompt_len}-token prompt plus max_new_tokens={max_new_tokens} needs {prompt_len + max_new_tokens - 1} "
+                f"positions, more than this engine's max_seq_len={self.max_seq_len}; use max_new_tokens <= "
+                f"{self.room(prompt_len)} or rebuild the engine with a larger max_seq_len")
+
+    def check_step(self, past: int, new: int) -> None:
+        """``new`` tokens after ``past`` in one model step."""
+        if past == 0:
+            self.check_prompt(new)
+        if past + new > self.max_seq_len:
+            raise GenerationError(f"the sequence would reach {past + new} tokens, beyond this engine's "
+                                  f"max_seq_len={self.max_seq_len}")
 
 
 BACKENDS: dict[str, type["Engine"]] = {}
@@ -80,7 +120,7 @@ class Engine:
         self.limits = EngineLimits(**manifest["limits"])
         self.generation_config = _read_optional_json(self.engine_dir / "generation_config.json")
         self._tokenizer = None
-        self._lock = threading.Lock()  # one request at a time per engine
+        self._turns = Turns()  # one request at a time per engine; an unread stream cannot keep it
 
     # ------------------------------------------------------------------ backend API
     @classmethod
@@ -104,18 +144,11 @@ class Engine:
 
     def check_batch(self, batch_size: int) -> None:
         """The backends' own guard in begin(): a batch beyond max_batch_size."""
-        if batch_size > self.limits.max_batch_size:
-            raise GenerationError(f"batch of {batch_size} exceeds this engine's max_batch_size="
-                                  f"{self.limits.max_batch_size}; rebuild with a larger max_batch_size")
+        self.limits.check_batch(batch_size)
 
     def check_step(self, past: int, new: int) -> None:
         """The backends' own guard in step(): ``new`` tokens after ``past`` beyond the engine's limits."""
-        if past + new > self.limits.max_seq_len:
-            raise GenerationError(f"sequence would reach {past + new} tokens, beyond this engine's "
-                                  f"max_seq_len={self.limits.max_seq_len}")
-        if past == 0 and new > self.limits.max_input_len:
-            raise GenerationError(f"prompt of {new} tokens exceeds this engine's "
-                                  f"max_input_len={self.limits.max_input_len}")
+        self.limits.check_step(past, new)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Feed [B, T] new tokens; ``attention_mask`` [B, past+T] marks real tokens. Returns last-position logits [B, V]."""
@@ -154,46 +187,57 @@ class Engine:
     def pad_token_id(self) -> int:
         pad = self.generation_config.get("pad_token_id")
         if pad is None:
-            eos = self.generation_config.get("eos_token_id")
-            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+            pad = next(iter(self.end_token_ids), 0)
         return int(pad)
 
+    @functools.cached_property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends an answer: generation_config.json's ``eos_token_id`` (a checkpoint made
+        by this nbtrt already holds config.json's there), then the tokenizer's eos, in that order."""
+        ids = eos_list(self.generation_config.get("eos_token_id"))
+        if has_tokenizer(self.engine_dir):
+            ids += eos_list(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
     def sampling(self, **overrides) -> SamplingParams:
-        """The model's generation_config.json with ``overrides`` on top (unknown names are an error).
+        """The model's generation_config.json with ``overrides`` on top (unknown names are an error);
+        the end tokens are :attr:`end_token_ids` unless ``stop_token_ids`` is given.
 
         >>> engine.sampling(temperature=0.7, max_new_tokens=64)  # doctest: +SKIP
         """
-        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+        gen = dict(self.generation_config, eos_token_id=list(self.end_token_ids))
+        params = SamplingParams.from_generation_config(gen, **overrides)
+        bad = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
+        if bad:
+            raise GenerationError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        return params
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Refuse, with a :class:`GenerationError` that names the limit, a request this engine
-        cannot serve: batch, prompt length, token ids outside the vocabulary, max_new_tokens."""
+        cannot serve: batch, prompt length, token ids outside the vocabulary, max_new_tokens
+        (the rules themselves live in :class:`EngineLimits`)."""
         lim = self.limits
         if not prompts:
             raise GenerationError("no prompts given")
-        if len(prompts) > lim.max_batch_size:
-            raise GenerationError(f"{len(prompts)} prompts exceed this engine's max_batch_size={lim.max_batch_size}; "
-                                  "split the request or rebuild with a larger max_batch_size")
+        lim.check_batch(len(prompts))
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise GenerationError(f"prompt {i} is empty")
-            if len(p) > lim.max_input_len:
-                raise GenerationError(f"prompt {i} has {len(p)} tokens, more than this engine's "
-                                      f"max_input_len={lim.max_input_len}; shorten it or rebuild the engine")
+            lim.check_prompt(len(p), f"prompt {i}")
             bad = [t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral)
                    or not 0 <= t < self.config.vocab_size]
             if bad:
                 raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        lim.check_new_tokens(max(len(p) for p in prompts), max_new_tokens)
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` with the engine's own tokenizer (special tokens as the model adds them).
 
         >>> engine.encode("Hello")  # doctest: +SKIP
         """
-        if not isinstance(prompt, str):
-            raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
+        check_text("prompt", prompt)
         if not prompt:
             raise GenerationError("prompt is empty")
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -214,13 +258,18 @@ class Engine:
         params = self.sampling(**sampling)
         as_text = input_ids is None
         if as_text:
+            if not isinstance(prompts, (str, list, tuple)):
+                raise GenerationError(f"prompts must be a string or a list of prompts, got {type(prompts).__name__}")
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             input_ids = [list(p) if isinstance(p, (list, tuple)) else self.encode(p) for p in prompts]
         input_ids = token_lists(input_ids)
+        self.check_request(input_ids, params.max_new_tokens)
         state = GenerationState(input_ids, stats=stats or GenerationStats())
         texts = [""] * len(input_ids)
-        with exclusive(self):
-            if as_text or params.stop_strings:
+        with exclusive(self, cancel) as lease:
+            if lease is None:  # cancelled while another request held the engine
+                pass
+            elif as_text or params.stop_strings:
                 for deltas in generate_text(self, input_ids, params, cancel=cancel, state=state):
                     texts = [t + d for t, d in zip(texts, deltas)]
             else:
@@ -241,16 +290,10 @@ class Engine:
         params = self.sampling(**sampling)
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt)
         self.check_request([ids], params.max_new_tokens)
-        check_length(self, [ids], params.max_new_tokens)
         state = GenerationState([ids], stats=stats or GenerationStats())
-
-        def deltas() -> Iterator[str]:
-            with exclusive(self):
-                for step in generate_text(self, [ids], params, cancel=cancel, state=state):
-                    if step[0]:
-                        yield step[0]
-
-        return deltas()
+        # the engine is taken at the first read and given back at the end, on close(), or when the
+        # stream is garbage-collected; an unread stream cannot keep it from another thread for long
+        return leased_stream(self, generate_text(self, [ids], params, cancel=cancel, state=state), cancel)
 
     def __repr__(self) -> str:
         c = self.config
@@ -260,6 +303,16 @@ class Engine:
 
 def _read_optional_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def eos_list(value) -> list[int]:
+    """An ``eos_token_id`` as HF writes it (one id, a list, or None) -> a list of ids."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [int(v) for v in values if isinstance(v, numbers.Integral) and not isinstance(v, bool)]
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
 
 
 def default_backend() -> str:
@@ -288,6 +341,7 @@ def build(ckpt: str | Path, out: str | Path, *, backend: str | None = None, max_
     limits = EngineLimits(max_batch_size, max_input_len, max_seq_len)
     if cfg.position == "learned" and max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions")
+    check_kv_cache_fits(ckpt, cfg, limits, backend, options.get("dtype"))
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -335,6 +389,52 @@ def load(engine_dir: str | Path, *, verify: bool = True, **backend_options) -> E
             raise ArtifactError(f"{engine_dir}: {name} does not match {ENGINE_JSON} (changed or from another build); "
                                 "rebuild the engine")
     return BACKENDS[backend](engine_dir, manifest, **backend_options)
+
+
+def available_memory(backend: str) -> tuple[int, str]:
+    """(bytes, where) of the memory the engine would run in: the GPU's free memory where the
+    backend runs on CUDA here, else the RAM the OS reports available (no psutil needed)."""
+    on_gpu = torch.cuda.is_available() and (backend != "onnxruntime" or _ort_has_cuda())
+    if on_gpu:
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"free on {torch.cuda.get_device_name()}"
+    try:  # MemAvailable counts reclaimable page cache, as the kernel itself would
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "of RAM available"
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of RAM free"
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def check_kv_cache_fits(ckpt: Path, cfg: DecoderConfig, limits: EngineLimits, backend: str,
+                        dtype: str | None = None) -> None:
+    """Refuse at build, saying what would fit, limits whose KV cache (max_batch_size sequences of
+    max_seq_len positions, keys and values of every layer) and weights exceed the device's memory;
+    otherwise the first large request fails allocating, long after the build said yes."""
+    quantized_kv = cfg.quantization.get("kv_cache") in ("int8", "fp8")
+    item = 1 if quantized_kv else torch.empty((), dtype=TORCH_DTYPES[dtype or cfg.dtype]).element_size()
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item
+    weights = sum(p.stat().st_size for p in Path(ckpt).glob("*.safetensors"))
+    need = per_token * limits.max_batch_size * limits.max_seq_len + weights
+    have, where = available_memory(backend)
+    if need <= have:
+        return
+    fits_seq = max(0, (have - weights) // (per_token * limits.max_batch_size))
+    fits_batch = max(0, (have - weights) // (per_token * limits.max_seq_len))
+    gib = 1 << 30
+    raise ValueError(
+        f"max_batch_size={limits.max_batch_size} x max_seq_len={limits.max_seq_len} needs a KV cache of "
+        f"{per_token * limits.max_batch_size * limits.max_seq_len / gib:.1f} GiB ({per_token} bytes per position) plus "
+        f"{weights / gib:.2f} GiB of weights, more than the {have / gib:.1f} GiB {where}; what fits: "
+        f"max_seq_len <= {fits_seq} at max_batch_size={limits.max_batch_size}, or max_batch_size <= {fits_batch} "
+        f"at max_seq_len={limits.max_seq_len}")
 
 
 def _ensure_backends() -> None:

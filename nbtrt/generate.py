@@ -12,20 +12,37 @@ Prompts of different lengths are left-padded so that all sequences decode in loc
 """
 from __future__ import annotations
 
-import contextlib
+import math
+import numbers
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
+from .errors import GenerationError
+
 if TYPE_CHECKING:
     from .engine import Engine
 
+__all__ = ["GenerationError", "SamplingParams", "GenerationStats", "GenerationState", "Detokenizer",
+           "generate_tokens", "generate_text", "next_tokens", "check_text"]
 
-class GenerationError(ValueError):
-    """A request the engine cannot serve (too long, too many prompts, empty prompt, bad option)."""
+
+def check_text(name: str, text) -> str:
+    """``text`` if it is a string that can be tokenized (valid Unicode), else a GenerationError
+    naming ``name``: a lone surrogate such as "\\ud800" has no UTF-8 form, and tokenizers fail on it
+    deep inside with an error that names nothing."""
+    if not isinstance(text, str):
+        raise GenerationError(f"{name} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"{name} is not valid Unicode text: a lone surrogate {text[e.start]!r} at "
+                              f"character {e.start}; decode the text with errors='replace' first") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,31 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self):
+        # the one place options are checked, for type and range: bools are not numbers here,
+        # floats must be finite, counts must be integers, and each error names its option
+        def refuse(name: str, rule: str):
+            raise GenerationError(f"{name}={getattr(self, name)!r} is invalid: it must be {rule}")
+
+        def put(name: str, value) -> None:
+            object.__setattr__(self, name, value)  # normalise (numpy scalars, lists) on a frozen dataclass
+
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                refuse(name, "an integer")
+            put(name, int(value))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                refuse(name, "a finite number")
+            put(name, float(value))
+        if not isinstance(self.do_sample, bool):
+            refuse("do_sample", "True or False")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) \
+                    or not 0 <= self.seed < 2**64:
+                refuse("seed", "None or an integer in [0, 2**64)")
+            put("seed", int(self.seed))
         checks = {
             "max_new_tokens": (self.max_new_tokens >= 1, "an integer >= 1"),
             "temperature": (self.temperature >= 0, ">= 0 (0 means greedy)"),
@@ -56,10 +98,22 @@ class SamplingParams:
         }
         for name, (ok, rule) in checks.items():
             if not ok:
-                raise GenerationError(f"{name}={getattr(self, name)!r} is invalid: it must be {rule}")
+                refuse(name, rule)
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Iterable):
+            refuse("stop_token_ids", "a sequence of token ids")
+        put("stop_token_ids", tuple(self.stop_token_ids))
+        bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0]
+        if bad:
+            raise GenerationError(f"stop_token_ids must be token ids (integers >= 0), got {bad[:5]!r}")
+        put("stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if isinstance(self.stop_strings, (str, bytes)) or not isinstance(self.stop_strings, Iterable):
+            refuse("stop_strings", "a sequence of non-empty strings")
+        put("stop_strings", tuple(self.stop_strings))
         bad = [s for s in self.stop_strings if not isinstance(s, str) or not s]
         if bad:
             raise GenerationError(f"stop_strings must be non-empty strings, got {bad!r}")
+        for s in self.stop_strings:
+            check_text("a stop string", s)
 
     @property
     def greedy(self) -> bool:
@@ -84,12 +138,14 @@ class SamplingParams:
             raise TypeError(f"unknown generation options {bad}; known: {sorted(names)}")
         params = cls(**base)
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        if "temperature" in overrides and "do_sample" not in overrides:
-            overrides["do_sample"] = overrides["temperature"] > 0
+        temperature = overrides.get("temperature")
+        if isinstance(temperature, numbers.Real) and "do_sample" not in overrides:
+            overrides["do_sample"] = bool(temperature > 0)  # (a bad temperature is named by __post_init__)
         for k in ("stop_token_ids", "stop_strings"):
             if k in overrides:
                 value = overrides[k]
-                overrides[k] = (value,) if isinstance(value, (str, int)) else tuple(value)
+                # one id or one string stands for a list of one; anything else is checked as a sequence
+                overrides[k] = (value,) if isinstance(value, (str, numbers.Integral)) else value
         return replace(params, **overrides)
 
 
@@ -104,7 +160,10 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         logits = logits.scatter(1, history, seen)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # an extreme (finite) temperature or penalty overflows float32: keep the order, drop the infinities,
+    # or softmax would turn inf - inf into NaN
+    big = torch.finfo(logits.dtype).max
+    logits = (logits / params.temperature).clamp(-big, big)
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -186,17 +245,6 @@ class GenerationState:
     cancelled: bool = False
 
 
-def check_length(engine: "Engine", prompts: list[list[int]], max_new_tokens: int) -> None:
-    """The KV cache holds the (padded) prompt plus every generated token but the last."""
-    width = max(len(p) for p in prompts)
-    limit = engine.limits.max_seq_len
-    if width + max_new_tokens - 1 > limit:
-        raise GenerationError(
-            f"a {width}-token prompt plus max_new_tokens={max_new_tokens} needs {width + max_new_tokens - 1} "
-            f"positions, more than this engine's max_seq_len={limit}; use max_new_tokens <= {limit - width + 1} "
-            "or rebuild the engine with a larger max_seq_len")
-
-
 def generate_tokens(
     engine: "Engine",
     prompts: list[list[int]],
@@ -213,7 +261,6 @@ def generate_tokens(
     ...     print(step)
     """
     engine.check_request(prompts, params.max_new_tokens)
-    check_length(engine, prompts, params.max_new_tokens)
     state = state or GenerationState(prompts)
     B = len(prompts)
     state.finished = [False] * B
@@ -389,25 +436,3 @@ def generate_text(
                 state.finished[b] = True  # the loop sees this before its next step
         yield deltas
     yield [d.flush() for d in detoks]
-
-
-_owners: dict[int, int] = {}  # id(engine) -> thread holding its lock
-
-
-@contextlib.contextmanager
-def exclusive(engine: "Engine") -> Iterator[None]:
-    """Hold the engine for one request (one KV cache). Another thread waits its turn; the same
-    thread starting a second request while its first stream is still open gets a clear error
-    instead of a deadlock."""
-    me = threading.get_ident()
-    if not engine._lock.acquire(blocking=False):
-        if _owners.get(id(engine)) == me:
-            raise GenerationError("this engine is still serving an unfinished stream() from this thread; "
-                                  "iterate it to the end or call .close() on it before starting another request")
-        engine._lock.acquire()
-    _owners[id(engine)] = me
-    try:
-        yield
-    finally:
-        _owners.pop(id(engine), None)
-        engine._lock.release()
