@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,11 @@ ROPE_TYPES = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+
+
+COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+          "max_position_embeddings", "sliding_window")
+REALS = ("norm_eps", "rope_theta", "attn_scale")
 
 
 def check_dtype(dtype: str | None) -> None:
@@ -62,6 +69,7 @@ class DecoderConfig:
     quantization: dict = field(default_factory=dict)  # {} means unquantized
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
@@ -76,6 +84,23 @@ class DecoderConfig:
             missing = [k for k in ROPE_TYPES[rope_type] if k not in (self.rope_scaling or {})]
             if missing:
                 raise ValueError(f"rope_type {rope_type!r} needs {missing} in rope_scaling")
+
+    def _check_numbers(self) -> None:
+        """Every numeric field has the right type and range, named when not: a string or NaN here
+        would otherwise pass conversion and build, then fail deep inside the model."""
+        for name in COUNTS:
+            value = getattr(self, name)
+            optional = name in ("head_dim", "sliding_window")
+            if optional and not value:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"decoder config {name}={value!r} must be an integer >= 1")
+        for name in REALS:
+            value = getattr(self, name)
+            if value is None and name != "norm_eps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"decoder config {name}={value!r} must be a finite number > 0")
 
     @property
     def q_size(self) -> int:
@@ -102,7 +127,10 @@ class DecoderConfig:
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ArtifactError(f"the decoder config lacks {missing}; re-run the stage that wrote it")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ArtifactError(f"the decoder config is invalid: {e}; re-run the stage that wrote it") from None
 
 
 def load_checkpoint_config(ckpt_dir: str | Path) -> tuple[DecoderConfig, dict]:

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ._io import ArtifactError, atomic_dir, read_json
+from ._io import ArtifactError, atomic_dir, read_json, write_json
 from .checkpoint import check_tensors, save_checkpoint
 from .config import DTYPES, DecoderConfig, check_dtype
 from .mapping import QKV_PARTS, Architecture, Row, architecture_for
@@ -165,7 +165,48 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", overwri
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_checkpoint(tmp, cfg, tensors, stage="convert", source=src, options={"dtype": dtype},
                         tokenizer_dir=src)
+        write_end_tokens(src, tmp)
     return out
+
+
+def end_token_ids(src: Path) -> list[int]:
+    """Every id that ends an answer for the HF model in ``src``: generation_config.json's
+    ``eos_token_id``, config.json's (what transformers uses when generation_config.json is absent),
+    then the tokenizer's eos; all of them, each once, in that order.
+
+    >>> end_token_ids(nbtrt.zoo.get("smollm2-135m-instruct"))  # doctest: +SKIP
+    [2, 0]
+    """
+    from .engine import eos_list, has_tokenizer
+
+    gen = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
+    ids = eos_list(gen.get("eos_token_id")) + eos_list(hf_config(src).get("eos_token_id"))
+    if has_tokenizer(src):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+        except (OSError, ValueError, TypeError) as e:
+            raise ArtifactError(f"{src}: the tokenizer files do not load ({e})") from None
+        ids += eos_list(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def write_end_tokens(src: Path, ckpt: Path) -> None:
+    """Record :func:`end_token_ids` as the checkpoint's generation_config.json ``eos_token_id``
+    (created from config.json's special tokens, as transformers does, when the model has none), so
+    every engine built from it stops where transformers would."""
+    ids = end_token_ids(src)
+    if not ids:
+        return
+    path = ckpt / "generation_config.json"
+    if path.is_file():
+        gen = read_json(path)
+    else:
+        hf = hf_config(src)
+        gen = {k: hf[k] for k in ("bos_token_id", "pad_token_id") if hf.get(k) is not None}
+    gen["eos_token_id"] = ids
+    write_json(path, gen)
 
 
 def add_cli(sub) -> None:

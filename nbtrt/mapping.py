@@ -11,6 +11,8 @@ Transforms:
 """
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,8 +41,19 @@ class Architecture:
     name: str  # HF `architectures` string
     rows: tuple[Row, ...]
     activations: tuple[tuple[str, str], ...]  # (nbtrt module, HF module), {layer} slot
-    config_from_hf: Callable[[dict, str], DecoderConfig]
+    from_hf: Callable[..., DecoderConfig]  # (config.json dict, transformers config, dtype) -> DecoderConfig
+    model_type: str  # transformers' model_type for this architecture
+    fields: tuple[str, ...]  # the transformers config fields from_hf maps (reads)
+    ignored: tuple[str, ...] = ()  # fields of this class that do not change its forward pass (besides IRRELEVANT)
     ignore_hf: tuple[str, ...] = ()  # HF tensors with no nbtrt counterpart (buffers)
+
+    def config_from_hf(self, hf: dict, dtype: str) -> DecoderConfig:
+        """The nbtrt config for a HF config.json dict, or UnsupportedModelError naming the field
+        nbtrt does not reproduce (see :func:`parse_hf_config`).
+
+        >>> ARCHITECTURES["LlamaForCausalLM"].config_from_hf(json.load(open("config.json")), "float32")  # doctest: +SKIP
+        """
+        return self.from_hf(hf, parse_hf_config(self, hf), dtype)
 
     def expand(self, cfg: DecoderConfig) -> list[Row]:
         """Rows for a concrete config, one per tensor, layer slots filled, in model order."""
@@ -100,36 +113,108 @@ def architecture_for(hf_config: dict) -> Architecture:
     )
 
 
-# ---------------------------------------------------------------------------- config helpers
+# ---------------------------------------------------------------------------- config.json -> DecoderConfig
+# The rule: nbtrt computes exactly what transformers computes for a config.json, or refuses it
+# naming the field. transformers' own config class reads the file (so its normalisation holds:
+# which of rope_parameters / rope_scaling wins, per-layer sliding windows, defaults), then every
+# field of that class is either mapped by nbtrt (each architecture's ``fields`` table), known not
+# to change the forward pass (IRRELEVANT, plus the architecture's ``ignored``), or must keep the
+# class's default value. Keys the class does not declare are not read by its model either
+# (tests/test_validation.py checks that against the modeling source), except the ones in
+# REFUSED_KEYS, which transformers' loading machinery acts on.
+IRRELEVANT = (
+    "architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "output_hidden_states", "output_attentions", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type", "initializer_range",
+    "attention_dropout", "tokenizer_class", "_attn_implementation", "_experts_implementation",
+)
+REFUSED_KEYS = ("quantization_config",)  # transformers would load these weights differently
+LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                "rope_parameters", "tie_word_embeddings")
+SLIDING_FIELDS = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+
+
+def _hf_class(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type]
+
+
+def parse_hf_config(arch: "Architecture", hf: dict):
+    """transformers' config object for a config.json dict, after checking that its model_type is
+    the architecture's and that nbtrt reproduces every field that matters (else UnsupportedModelError)."""
+    name = arch.name
+    if hf.get("model_type") != arch.model_type:
+        raise UnsupportedModelError(
+            f"config.json says architectures={hf.get('architectures')!r} but model_type={hf.get('model_type')!r}; "
+            f"{name} is model_type {arch.model_type!r}. transformers builds its model from model_type and nbtrt "
+            "from architectures, so the two would differ: fix config.json")
+    for key in REFUSED_KEYS:
+        if hf.get(key):
+            raise UnsupportedModelError(f"{name}: config.json has {key!r}; nbtrt converts unquantized HF weights only")
+    from huggingface_hub.errors import StrictDataclassError
+
+    cls = _hf_class(arch.model_type)
+    try:
+        config = cls.from_dict(copy.deepcopy(hf))  # it fills in nested dicts (rope_parameters) in place
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        raise UnsupportedModelError(f"{name}: transformers rejects this config.json: {e}") from None
+    values, defaults = config.to_dict(), cls().to_dict()
+    known = set(arch.fields) | set(IRRELEVANT) | set(arch.ignored)
+    for key, value in values.items():
+        if key in known or key not in defaults or value == defaults[key]:
+            continue
+        raise UnsupportedModelError(
+            f"{name}: config.json sets {key}={value!r} (transformers' default: {defaults[key]!r}), which changes "
+            f"what {name} computes and which nbtrt does not reproduce; nbtrt maps {sorted(arch.fields)}")
+    return config
+
+
+def _count(config, key: str, arch: str, minimum: int = 1) -> int:
+    value = getattr(config, key, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UnsupportedModelError(f"{arch}: config.json {key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _positive(value, key: str, arch: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UnsupportedModelError(f"{arch}: config.json {key}={value!r} must be a finite number > 0")
+    return float(value)
+
+
 def _need(hf: dict, key: str, arch: str):
+    """No silent defaults for the model's shape: a key config.json lacks is an error, not HF's default."""
     if key not in hf or hf[key] is None:
         raise UnsupportedModelError(f"{arch} config.json is missing {key!r}")
     return hf[key]
 
 
-def _rope_from_hf(hf: dict, arch: str) -> tuple[float, dict | None]:
-    """rope_theta and scaling from either transformers 5 `rope_parameters` or 4.x keys.
-
-    No silent defaults: a missing theta or scaling parameter is an error.
-    """
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    theta = params.pop("rope_theta", hf.get("rope_theta"))
-    if theta is None:
+def _rope(hf: dict, config, arch: str) -> tuple[float, dict | None]:
+    """rope_theta and scaling as transformers reads them (``config.rope_parameters``: a legacy
+    ``rope_scaling`` wins over ``rope_parameters``, as it does there). No silent default for theta."""
+    given = [hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}, hf]
+    if not any(isinstance(d, dict) and d.get("rope_theta") is not None for d in given):
         raise UnsupportedModelError(
             f"{arch} config.json has no rope_theta (neither 'rope_theta' nor 'rope_parameters.rope_theta'); "
-            "nbtrt will not guess the RoPE base"
-        )
-    scaling = {**legacy, **params}
-    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+            "nbtrt will not guess the RoPE base")
+    params = dict(config.rope_parameters or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(f"{arch}: rope_type {rope_type!r} is not supported ({sorted(ROPE_TYPES)})")
-    missing = [k for k in ROPE_TYPES[rope_type] if k not in scaling]
+    missing = [k for k in ROPE_TYPES[rope_type] if k not in params]
     if missing:
         raise UnsupportedModelError(f"{arch}: rope_type {rope_type!r} needs {missing}, missing from config.json")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError(f"{arch}: rope_parameters.partial_rotary_factor="
+                                    f"{params['partial_rotary_factor']!r} is not supported (nbtrt rotates the whole head)")
+    theta = _positive(params.get("rope_theta"), "rope_theta", arch)
+    for k in ROPE_TYPES[rope_type]:
+        _positive(params[k], f"rope_parameters.{k}", arch)
     if rope_type == "default":
-        return float(theta), None
-    return float(theta), {"rope_type": rope_type, **{k: scaling[k] for k in ROPE_TYPES[rope_type]}}
+        return theta, None
+    return theta, {"rope_type": rope_type, **{k: params[k] for k in ROPE_TYPES[rope_type]}}
 
 
 def _activation(name: str) -> str:
@@ -140,71 +225,92 @@ def _activation(name: str) -> str:
     return table[name]
 
 
-def _llama_like(hf: dict, dtype: str, arch: str, **flags) -> DecoderConfig:
-    theta, scaling = _rope_from_hf(hf, arch)
-    heads = _need(hf, "num_attention_heads", arch)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+def _layer_window(config, arch: str) -> int | None:
+    """The one sliding window every layer uses, as transformers' Qwen2/Qwen3 decide it per layer."""
+    windows = {config.sliding_window if t == "sliding_attention" else None for t in (config.layer_types or [])}
+    if len(windows) > 1:
+        raise UnsupportedModelError(
+            f"{arch}: layer_types mixes sliding-window and full-attention layers (use_sliding_window="
+            f"{config.use_sliding_window}, max_window_layers={config.max_window_layers}); nbtrt applies one "
+            "attention kind to every layer")
+    return windows.pop() if windows else None
+
+
+def _llama_like(hf: dict, config, dtype: str, arch: str, window: int | None, **flags) -> DecoderConfig:
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "rms_norm_eps"):
+        _need(hf, key, arch)
+    theta, scaling = _rope(hf, config, arch)
+    if window is not None:
+        window = _count(config, "sliding_window", arch)
     return DecoderConfig(
         architecture=arch,
-        vocab_size=_need(hf, "vocab_size", arch),
-        hidden_size=_need(hf, "hidden_size", arch),
-        intermediate_size=_need(hf, "intermediate_size", arch),
-        num_layers=_need(hf, "num_hidden_layers", arch),
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or 0,
+        vocab_size=_count(config, "vocab_size", arch),
+        hidden_size=_count(config, "hidden_size", arch),
+        intermediate_size=_count(config, "intermediate_size", arch),
+        num_layers=_count(config, "num_hidden_layers", arch),
+        num_heads=_count(config, "num_attention_heads", arch),
+        num_kv_heads=_count(config, "num_key_value_heads", arch),
+        # as transformers' attention: `getattr(config, "head_dim", None) or hidden_size // num_attention_heads`
+        head_dim=_count(config, "head_dim", arch) if getattr(config, "head_dim", None) else 0,
         norm="rms",
-        norm_eps=_need(hf, "rms_norm_eps", arch),
-        activation=_activation(hf.get("hidden_act", "silu")),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=_positive(config.rms_norm_eps, "rms_norm_eps", arch),
+        activation=_activation(config.hidden_act),
+        max_position_embeddings=_count(config, "max_position_embeddings", arch),
         rope_theta=theta,
         rope_scaling=scaling,
         sliding_window=window,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(config.tie_word_embeddings),
         dtype=dtype,
         **flags,
     )
 
 
-def _llama(hf: dict, dtype: str) -> DecoderConfig:
-    bias = bool(hf.get("attention_bias", False))
-    return _llama_like(hf, dtype, hf["architectures"][0], qkv_bias=bias, o_bias=bias,
-                       mlp_bias=bool(hf.get("mlp_bias", False)))
+def _llama(hf: dict, config, dtype: str) -> DecoderConfig:
+    # transformers' Llama has no sliding window: a `sliding_window` key in its config.json is ignored there
+    bias = bool(config.attention_bias)
+    return _llama_like(hf, config, dtype, "LlamaForCausalLM", None, qkv_bias=bias, o_bias=bias,
+                       mlp_bias=bool(config.mlp_bias))
 
 
-def _qwen2(hf: dict, dtype: str) -> DecoderConfig:
-    return _llama_like(hf, dtype, "Qwen2ForCausalLM", qkv_bias=True)
+def _mistral(hf: dict, config, dtype: str) -> DecoderConfig:
+    # every layer uses config.sliding_window (4096 when config.json omits it; null turns it off)
+    return _llama_like(hf, config, dtype, "MistralForCausalLM", config.sliding_window)
 
 
-def _qwen3(hf: dict, dtype: str) -> DecoderConfig:
-    return _llama_like(hf, dtype, "Qwen3ForCausalLM", qkv_bias=bool(hf.get("attention_bias", False)),
-                       o_bias=bool(hf.get("attention_bias", False)), qk_norm=True)
+def _qwen2(hf: dict, config, dtype: str) -> DecoderConfig:
+    return _llama_like(hf, config, dtype, "Qwen2ForCausalLM", _layer_window(config, "Qwen2ForCausalLM"),
+                       qkv_bias=True)
 
 
-def _gpt2(hf: dict, dtype: str) -> DecoderConfig:
+def _qwen3(hf: dict, config, dtype: str) -> DecoderConfig:
+    bias = bool(config.attention_bias)
+    return _llama_like(hf, config, dtype, "Qwen3ForCausalLM", _layer_window(config, "Qwen3ForCausalLM"),
+                       qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+
+def _gpt2(hf: dict, config, dtype: str) -> DecoderConfig:
     arch = "GPT2LMHeadModel"
-    for flag in ("scale_attn_by_inverse_layer_idx",):
-        if hf.get(flag):
-            raise UnsupportedModelError(f"GPT-2 with {flag}=True is not supported")
-    hidden = _need(hf, "n_embd", arch)
-    heads = _need(hf, "n_head", arch)
+    for key in ("vocab_size", "n_embd", "n_head", "n_layer", "layer_norm_epsilon", "n_positions"):
+        _need(hf, key, arch)
+    hidden = _count(config, "n_embd", arch)
     return DecoderConfig(
         architecture=arch,
-        vocab_size=_need(hf, "vocab_size", arch),
+        vocab_size=_count(config, "vocab_size", arch),
         hidden_size=hidden,
-        intermediate_size=hf.get("n_inner") or 4 * hidden,
-        num_layers=_need(hf, "n_layer", arch),
-        num_heads=heads,
-        num_kv_heads=heads,
+        intermediate_size=config.n_inner or 4 * hidden,
+        num_layers=_count(config, "n_layer", arch),
+        num_heads=_count(config, "n_head", arch),
+        num_kv_heads=_count(config, "n_head", arch),
         norm="layer",
-        norm_eps=_need(hf, "layer_norm_epsilon", arch),
-        activation=_activation(hf.get("activation_function", "gelu_new")),
+        norm_eps=_positive(config.layer_norm_epsilon, "layer_norm_epsilon", arch),
+        activation=_activation(config.activation_function),
         gated_mlp=False,
         position="learned",
-        max_position_embeddings=_need(hf, "n_positions", arch),
-        attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,
+        max_position_embeddings=_count(config, "n_positions", arch),
+        attn_scale=None if config.scale_attn_weights else 1.0,
         qkv_bias=True, o_bias=True, mlp_bias=True,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tie_embeddings=bool(config.tie_word_embeddings),
         dtype=dtype,
     )
 
@@ -274,9 +380,16 @@ GPT2_ACTIVATIONS = (
     ("lm_head", "lm_head"),
 )
 
-for _name in ("LlamaForCausalLM", "MistralForCausalLM"):
-    register(Architecture(_name, LLAMA_ROWS, LLAMA_ACTIVATIONS, _llama))
-register(Architecture("Qwen2ForCausalLM", LLAMA_ROWS, LLAMA_ACTIVATIONS, _qwen2))
-register(Architecture("Qwen3ForCausalLM", LLAMA_ROWS, LLAMA_ACTIVATIONS, _qwen3))
-register(Architecture("GPT2LMHeadModel", GPT2_ROWS, GPT2_ACTIVATIONS, _gpt2,
+register(Architecture("LlamaForCausalLM", LLAMA_ROWS, LLAMA_ACTIVATIONS, _llama, "llama",
+                      LLAMA_FIELDS + ("attention_bias", "mlp_bias"), ignored=("pretraining_tp",)))
+register(Architecture("MistralForCausalLM", LLAMA_ROWS, LLAMA_ACTIVATIONS, _mistral, "mistral",
+                      LLAMA_FIELDS + ("sliding_window",)))
+register(Architecture("Qwen2ForCausalLM", LLAMA_ROWS, LLAMA_ACTIVATIONS, _qwen2, "qwen2", LLAMA_FIELDS + SLIDING_FIELDS))
+register(Architecture("Qwen3ForCausalLM", LLAMA_ROWS, LLAMA_ACTIVATIONS, _qwen3, "qwen3",
+                      LLAMA_FIELDS + SLIDING_FIELDS + ("attention_bias",)))
+register(Architecture("GPT2LMHeadModel", GPT2_ROWS, GPT2_ACTIVATIONS, _gpt2, "gpt2",
+                      ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function",
+                       "layer_norm_epsilon", "scale_attn_weights", "tie_word_embeddings"),
+                      ignored=("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj",
+                               "summary_activation", "summary_proj_to_labels", "summary_first_dropout"),
                       ignore_hf=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",)))
