@@ -3,9 +3,9 @@
 A stream holds the engine from its first token to its end, but a stream that nobody reads is
 not allowed to hold it against another thread for long, and a closed or garbage-collected stream
 lets it go at once. The same thread opening a second request over its own unfinished stream gets
-a clear error (waiting would deadlock).
+a clear error (waiting would deadlock). Engine.stream reads through :func:`leased_stream`.
 
->>> for delta in engine.stream("Hi!"): ...  # doctest: +SKIP  (Engine.stream uses leased_stream)
+>>> for delta in engine.stream("Hi!"): ...  # doctest: +SKIP
 """
 from __future__ import annotations
 
