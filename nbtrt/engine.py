@@ -267,9 +267,9 @@ class Engine:
         state = GenerationState(input_ids, stats=stats or GenerationStats())
         texts = [""] * len(input_ids)
         with exclusive(self, cancel) as lease:
-            if lease is None:  # cancelled while another request held the engine
-                pass
-            elif as_text or params.stop_strings:
+            if lease is None:  # cancelled while another request held the engine: nothing ran
+                return texts if as_text else [[] for _ in input_ids]
+            if as_text or params.stop_strings:
                 for deltas in generate_text(self, input_ids, params, cancel=cancel, state=state):
                     texts = [t + d for t, d in zip(texts, deltas)]
             else:
