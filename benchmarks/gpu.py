@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nbtrt import bench as B  # noqa: E402
-from nbtrt.backends.torch import (QUANT_FORMATS, TorchEngine, decode_weight_bytes, quant_unavailable,  # noqa: E402
-                                  quantize_linears)
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_linears import (QUANT_FORMATS, decode_weight_bytes, quant_unavailable,  # noqa: E402
+                                          quantize_linears)
 from nbtrt.convert import convert_tensors  # noqa: E402
 from nbtrt.generate import GenerationState, SamplingParams, generate_tokens  # noqa: E402
 from nbtrt.mapping import architecture_for  # noqa: E402
@@ -180,18 +181,18 @@ def profile_kernels(fn, calls: int, top: int = 15) -> list[dict]:
 def sdpa_decode(enabled: bool = True):
     """Engines built inside decode with SDPA on expanded KV heads, as before grouped_decode_attention
     (variant ``bf16:expand``): the compiled decode block is chosen when the engine is built."""
-    import nbtrt.backends.torch as torch_backend
+    import nbtrt.runtimes.torch_attention as pieces  # TorchEngine reads pieces.decode_block when built
 
     def block(layer, x, rope, mask, k, v, cache_position):
-        return layer(x, rope, mask, torch_backend._LayerKV(k, v), cache_position)
+        return layer(x, rope, mask, pieces.LayerKV(k, v), cache_position)
 
-    saved = torch_backend._decode_block
+    saved = pieces.decode_block
     if enabled:
-        torch_backend._decode_block = block
+        pieces.decode_block = block
     try:
         yield
     finally:
-        torch_backend._decode_block = saved
+        pieces.decode_block = saved
 
 
 def llama8b_random(quick: bool) -> Decoder:

@@ -339,7 +339,7 @@ def load(engine_dir: str | Path, *, verify: bool = True, **backend_options) -> E
 
 def _ensure_backends() -> None:
     """Import the backend modules so they register (lazy: onnx/tensorrt import only when used)."""
-    from . import backends  # noqa: F401
+    from . import runtimes  # noqa: F401
 
 
 def add_cli(sub) -> None:

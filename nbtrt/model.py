@@ -196,10 +196,13 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.activation = cfg.activation
         self.act = ACTIVATIONS[cfg.activation]
+        # The MLP's swap point: a runtime may set a module computing act(gate(x)) * up(x) in one
+        # kernel (the torch runtime's INT4 / INT8 gated inputs); None runs the linears above.
+        self.fused_gate_up: nn.Module | None = None
 
     def forward(self, x):
-        if hasattr(self, "gate_input"):  # a runtime's one kernel for act(gate(x)) * up(x) (torch backend, INT4 / INT8)
-            return self.down(self.gate_input(x))
+        if self.fused_gate_up is not None:
+            return self.down(self.fused_gate_up(x))
         h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
         return self.down(h)
 

@@ -398,7 +398,7 @@ def test_tensorrt_profiles_cover_the_limits(tiny):
     """The optimization profiles TensorRT would get (pure Python: the only part of the TensorRT
     backend that runs without tensorrt): every shape the ONNX Runtime engine accepted in
     prefill_and_decode lies inside the context or the generation profile."""
-    from nbtrt.backends.tensorrt import optimization_profiles
+    from nbtrt.runtimes.tensorrt import optimization_profiles
     from nbtrt.engine import EngineLimits
 
     *_, ort, _ = tiny("Qwen2ForCausalLM")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 from graph_kinds import captured  # noqa: E402
 
-import nbtrt.backends.torch as nbtrt_torch  # noqa: E402
+import nbtrt.runtimes.torch_engine as nbtrt_torch  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}

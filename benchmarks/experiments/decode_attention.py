@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-import nbtrt.backends.torch as nbtrt_torch  # noqa: E402
+import nbtrt.runtimes.torch_attention as nbtrt_torch  # noqa: E402  (decode_block reads decode_attention at call time)
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))
 
@@ -42,12 +43,12 @@ VARIANTS = {"triton": nbtrt_torch.decode_attention, "grouped": nbtrt_torch.group
 
 
 def one(variant: str, fmt: str) -> dict:
-    from nbtrt.backends import triton_attention
+    from nbtrt.kernels import triton_attention
 
     variant, _, block = variant.partition("-")  # "triton-32": splits of 32 slots
     triton_attention.BLOCK_S = int(block or triton_attention.BLOCK_S)
-    nbtrt_torch.decode_attention = VARIANTS[variant]  # _decode_block reads it at call time
-    eng = nbtrt_torch.TorchEngine.from_decoder(G.llama8b_random(QUICK), max_batch_size=1, max_seq_len=384,
+    nbtrt_torch.decode_attention = VARIANTS[variant]  # decode_block reads it at call time
+    eng = TorchEngine.from_decoder(G.llama8b_random(QUICK), max_batch_size=1, max_seq_len=384,
                                                quant=None if fmt == "bf16" else fmt, compile=True)
     G.decode_step_seconds(eng, 1, 128)
     graph = eng._static[1].graph

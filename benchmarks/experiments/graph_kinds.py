@@ -21,7 +21,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends.torch import Int4GatedInput, TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_linears import Int4GatedInput  # noqa: E402
+
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends.torch import TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))
 VARIANT = sys.argv[2] if len(sys.argv) > 2 else ""  # "uncaptured-first", "own-pool" or "no-pdl"
@@ -29,7 +29,7 @@ VARIANT = sys.argv[2] if len(sys.argv) > 2 else ""  # "uncaptured-first", "own-p
 
 def without_pdl() -> None:
     """Decode kernels launched without programmatic dependent launch (Inductor's and nbtrt's)."""
-    from nbtrt.backends import cuda_int4
+    from nbtrt.kernels import cuda_int4
 
     compile_ = torch.compile
 

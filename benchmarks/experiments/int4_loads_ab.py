@@ -15,7 +15,7 @@ from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
 from benchmarks.experiments.int4_layout_probe import GROUP, print_row, random_int4, variant_source, write_json
 from benchmarks.experiments.int4_occupancy import CU_FUNC_ATTRIBUTE_NUM_REGS, attribute
 from benchmarks.experiments.int4_regs_probe import CALLS_OF, SHAPES
-from nbtrt.backends import cuda_int4, nvrtc
+from nbtrt.kernels import cuda_int4, nvrtc
 
 
 def main(out):

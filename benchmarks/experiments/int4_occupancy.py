@@ -11,7 +11,7 @@ import ctypes
 import torch
 
 from benchmarks.experiments.int4_layout_probe import GROUP, SHAPES, variant_source
-from nbtrt.backends import cuda_int4, nvrtc
+from nbtrt.kernels import cuda_int4, nvrtc
 
 CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 4, 3
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
 from benchmarks.experiments.int4_layout_probe import print_row, write_json
 from benchmarks.experiments.int4_regs_probe import CALLS_OF, SHAPES
-from nbtrt.backends import cuda_int8, nvrtc
+from nbtrt.kernels import cuda_int8, nvrtc
 from nbtrt.model import ACTIVATIONS
 
 

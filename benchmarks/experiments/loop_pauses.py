@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends.torch import TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 from nbtrt.generate import SamplingParams, generate_tokens  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))  # a shrunk config and short loop, to try the script on a CPU

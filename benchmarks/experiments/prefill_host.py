@@ -14,7 +14,7 @@ import time
 import torch
 
 from benchmarks.gpu import DEV, free, llama8b_random, profile_kernels, shared_copy, sync
-from nbtrt.backends.torch import _LIMIT_KEY, DYNAMO_RECOMPILE_LIMIT, TorchEngine
+from nbtrt.runtimes.torch_engine import _LIMIT_KEY, DYNAMO_RECOMPILE_LIMIT, TorchEngine
 
 PROMPT, CALLS = 128, 7
 VARIANTS = [(None, {}), (None, {"cpp_wrapper": True}), ("int4_wo", {}), ("int4_wo", {"cpp_wrapper": True}),

@@ -13,9 +13,9 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
-import nbtrt.backends.torch as torch_backend
+import nbtrt.runtimes.torch_engine as torch_backend
 from benchmarks.gpu import DEV, free, hf_on_device, nbtrt_from_hf, real_config, sync
-from nbtrt.backends.torch import TorchEngine
+from nbtrt.runtimes.torch_engine import TorchEngine
 
 LENGTHS = [100, 101, 102, 100, 101, 150, 151, 300, 300, 301]
 
