@@ -372,7 +372,7 @@ def sec_mix(R, quick):
 
 
 def _kernel_reference(fmt: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What each format computes (nbtrt.quantize.formats' layout), written out independently in float32."""
+    """What each format computes (nbtrt.layouts' layout), written out independently in float32."""
     wf, xf = w.float(), x.float()
     if fmt in ("int8_wo", "w8a8"):
         s = wf.abs().amax(1, keepdim=True) / 127

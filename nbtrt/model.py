@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .config import DecoderConfig
+from .layouts import prepare_model
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -342,8 +344,6 @@ def load_decoder(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype
 
     >>> model = load_decoder("work/ckpt")  # doctest: +SKIP
     """
-    from .checkpoint import load_checkpoint
-
     cfg, tensors = load_checkpoint(ckpt_dir)
     return decoder_from_tensors(cfg, tensors, device=device, dtype=dtype)
 
@@ -359,8 +359,6 @@ def decoder_from_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor],
     if cfg.tie_embeddings:
         tensors = {**tensors, "lm_head.weight": tensors["embed.tok.weight"]}
     if cfg.quantization:  # quantized linears replace nn.Linear children before the weights load
-        from .quantize.formats import prepare_model
-
         prepare_model(model, cfg)
     model.load_state_dict(tensors, strict=True, assign=True)
     if cfg.tie_embeddings:

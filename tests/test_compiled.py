@@ -100,7 +100,7 @@ def test_capture_still_works_on_compiled_engine(compiled):
 
 
 def _reference(fmt, w, x):
-    """Each format's arithmetic as nbtrt.quantize.formats documents it, written out in float32."""
+    """Each format's arithmetic as nbtrt.layouts documents it, written out in float32."""
     if fmt in ("int8_wo", "w8a8"):
         s = w.abs().amax(1, keepdim=True) / 127
         wd = (w / s).round().clamp(-127, 127) * s
@@ -297,7 +297,7 @@ def test_quantized_checkpoint_runs_on_kernels(tiny, tmp_path, fmt, group, fast):
     reference modules (formats.QuantLinear, dequantize then matmul) compute. Shapes the kernel
     cannot take (int4 groups of 128 over 64 / 96 inputs) keep the reference module, reported."""
     from nbtrt.quantize import quantize
-    from nbtrt.quantize.formats import QuantLinear
+    from nbtrt.layouts import QuantLinear
 
     _, ckpt = tiny
     qckpt = quantize(ckpt, tmp_path / "q", fmt, group_size=group)
@@ -364,7 +364,7 @@ def test_int4_prefill_dequantizes_exactly_what_the_decode_kernel_multiplies(in_f
     prefill reads the weight back out of either layout and runs one bf16 matmul: the weight is bit
     for bit the checkpoint's, and the product agrees with the decode kernel's, token by token."""
     from nbtrt.runtimes.torch_linears import Int4WeightOnlyLinear
-    from nbtrt.quantize.formats import quantize_int4, unpack_int4
+    from nbtrt.layouts import quantize_int4, unpack_int4
 
     torch.manual_seed(0)
     w = torch.randn(256, in_features, device="cuda") * 0.02
@@ -479,7 +479,7 @@ def test_int4_gated_input_equals_its_two_projections(activation, rows):
     activation run apart."""
     from nbtrt.runtimes.torch_linears import Int4GatedInput, Int4WeightOnlyLinear
     from nbtrt.model import ACTIVATIONS
-    from nbtrt.quantize.formats import quantize_int4
+    from nbtrt.layouts import quantize_int4
 
     torch.manual_seed(0)
     I, K, group = 1024, 512, 128

@@ -12,7 +12,7 @@ import torch
 
 from nbtrt.runtimes.torch_linears import Int4GatedInput, Int4WeightOnlyLinear
 from nbtrt.model import ACTIVATIONS
-from nbtrt.quantize.formats import quantize_int4
+from nbtrt.layouts import quantize_int4
 
 CALLS = 32
 

@@ -6,7 +6,7 @@ FP8, and INT8 / FP8 KV cache — with calibration on real text and quality repor
 >>> nq.report("work/ckpt", {"int4_awq": q})                                     # doctest: +SKIP
 
 The module itself is callable, so ``nbtrt.quantize(ckpt, out, fmt)`` works too. The layout
-of the quantized tensors is documented in :mod:`nbtrt.quantize.formats`.
+of the quantized tensors is documented in :mod:`nbtrt.layouts`.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_dir
 from ..checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
+from ..layouts import (ACTIVATION_SCHEMES, EPS, FORMATS, FP8_MAX, INT8_MAX, KV_FORMATS, LAYOUT_VERSION,
+                      QuantizationError, check_quantized_tensors, linear_names, quantize_weight)
 from ..model import TORCH_DTYPES, decoder_from_tensors
 from . import awq, smoothquant
 from .calib import DEFAULT_NUM_SAMPLES, DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, Calibration, calibrate
-from .formats import (ACTIVATION_SCHEMES, EPS, FORMATS, FP8_MAX, INT8_MAX, KV_FORMATS, LAYOUT_VERSION,
-                      QuantizationError, check_quantized_tensors, linear_names, quantize_weight)
 from .report import QuantReport, report, sensitivity
 
 __all__ = ["quantize", "calibrate", "report", "sensitivity", "QuantReport", "Calibration", "QuantizationError",

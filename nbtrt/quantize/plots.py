@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..plots import COLORS
 from .calib import Calibration
-from .formats import QuantizationError, dequantize_weight
+from ..layouts import QuantizationError, dequantize_weight
 
 BINS = 100
 

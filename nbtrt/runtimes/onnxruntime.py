@@ -116,7 +116,7 @@ class OnnxRuntimeEngine(Engine):
         with fp32 compute measured 334 ms per token on smollm2-135m (1 thread), the unfused
         DequantizeLinear -> MatMul 68 ms. INT4 keeps the fusion: its 4-bit kernel is the fast one.
         """
-        from ..quantize.formats import FORMATS
+        from ..layouts import FORMATS
 
         q = self.config.quantization
         weights = FORMATS[q["format"]].weight if q.get("format") else None

@@ -1,5 +1,5 @@
 """Quantized linears of the torch runtime: each takes a linear's stored tensors (layouts:
-:mod:`nbtrt.quantize.formats`) and runs them through PyTorch's own kernels or nbtrt's
+:mod:`nbtrt.layouts`) and runs them through PyTorch's own kernels or nbtrt's
 (:mod:`nbtrt.kernels`, whose docstring holds the table of which kernel takes how many rows),
 plus the swap functions that put them into a decoder in place of ``nn.Linear`` / ``QuantLinear``.
 
@@ -18,10 +18,10 @@ from torch import nn
 from ..kernels import cuda_int4, cuda_int8, triton_int4, triton_int8  # noqa: F401  (registers the custom ops)
 from ..kernels import INT4_TRITON_MAX_ROWS, MANY_ROWS  # noqa: F401  (the row rule: see nbtrt.kernels)
 from ..model import ACTIVATIONS, MLP
-from ..quantize.formats import QuantLinear, quantize_weight, unpack_int4
+from ..layouts import QuantLinear, quantize_weight, unpack_int4
 
 
-# A quantized checkpoint (layout: nbtrt.quantize.formats) loads into reference QuantLinear modules
+# A quantized checkpoint (layout: nbtrt.layouts) loads into reference QuantLinear modules
 # that dequantize on every call. The classes below take the same stored tensors and lay them out for
 # PyTorch's own kernels; on-the-fly quantization of float weights (``quant=``) goes through the
 # same quantizers and the same classes. One difference: ``quant=`` takes every linear, lm_head
