@@ -349,7 +349,7 @@ def test_float16_engine(tiny, tmp_path):
 def test_memory_plan_against_real_tensors(tiny):
     """The plan's float32 numbers against what the engine really holds: the weight file's size
     and the bytes of the present tensors after a prefill."""
-    from nbtrt.widgets.build import memory_plan
+    from nbtrt.memory import memory_plan
 
     _, ckpt, ort, _ = tiny("LlamaForCausalLM")
     B, T = 2, 9
