@@ -296,7 +296,7 @@ def build(ckpt: str | Path, out: str | Path, *, backend: str | None = None, max_
         recorded = BACKENDS[backend]._build_files(ckpt, tmp, cfg, limits, options)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        from . import __version__
+        from ._version import __version__
 
         write_json(tmp / ENGINE_JSON, {
             "backend": backend,

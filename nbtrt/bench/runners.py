@@ -216,7 +216,7 @@ def machine() -> dict:
     """Where a result was measured: machine, GPU, versions, date."""
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
