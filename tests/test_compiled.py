@@ -101,10 +101,10 @@ def test_capture_still_works_on_compiled_engine(compiled):
 
 def _reference(fmt, w, x):
     """Each format's arithmetic as nbtrt.layouts documents it, written out in float32."""
-    if fmt in ("int8_wo", "w8a8"):
+    if fmt in ("int8_wo", "int8_sq"):
         s = w.abs().amax(1, keepdim=True) / 127
         wd = (w / s).round().clamp(-127, 127) * s
-        if fmt == "w8a8":  # activations per token at run time
+        if fmt == "int8_sq":  # activations per token at run time
             xs = x.abs().amax(1, keepdim=True) / 127
             x = (x / xs).round().clamp(-127, 127) * xs
         return x @ wd.t()
@@ -162,7 +162,7 @@ def test_quantized_linear_matches_its_arithmetic(fmt):
     report = quantize_linears(holder, fmt)
     assert report == {"format": fmt, "quantized": 1, "kept": []}
     assert type(holder[0]).__name__ == {"int8_wo": "Int8WeightOnlyLinear", "int4_wo": "Int4WeightOnlyLinear",
-                                        "fp8": "FP8Linear", "w8a8": "W8A8Linear"}[fmt]
+                                        "fp8": "FP8Linear", "int8_sq": "W8A8Linear"}[fmt]
     x = torch.randn(5, 64)
     with torch.no_grad():
         got = holder(x)
@@ -171,8 +171,16 @@ def test_quantized_linear_matches_its_arithmetic(fmt):
     err = rel_l2(want, got)
     assert err <= 1e-4 if fmt != "int4_wo" else err <= 3e-3, err  # int4 kernel keeps scale/zero in its dtype
     # and quantization error itself is what the format promises, not garbage
-    bound = {"int8_wo": 0.02, "w8a8": 0.03, "fp8": 0.08, "int4_wo": 0.2}[fmt]
+    bound = {"int8_wo": 0.02, "int8_sq": 0.03, "fp8": 0.08, "int4_wo": 0.2}[fmt]
     assert rel_l2(exact, got) <= bound
+
+
+def test_old_torch_quant_name_maps_to_nbtrt_quantize_name():
+    """The torch engine's formats are nbtrt.quantize's; its old name ``w8a8`` still works, with a warning."""
+    holder = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    with pytest.warns(DeprecationWarning, match="int8_sq"):
+        report = quantize_linears(holder, "w8a8")
+    assert report["format"] == "int8_sq" and type(holder[0]).__name__ == "W8A8Linear"
 
 
 @pytest.mark.parametrize("fmt", ["int8_wo", "int4_wo"])

@@ -45,7 +45,7 @@ from ..model import TORCH_DTYPES, Decoder, StaticKVCache, capture_outputs, load_
 from . import torch_attention as pieces  # read at call time: experiments swap a piece (benchmarks/gpu.py)
 from .torch_attention import GRAPH_PREFILL_TOKENS, prefill_bucket  # noqa: F401  (GRAPH_PREFILL_TOKENS: public)
 from .torch_linears import (QUANT_FORMATS, Int4WeightOnlyLinear, Int8WeightOnlyLinear, accelerate_quantized,
-                            quant_unavailable, quantize_linears)
+                            quant_format, quant_unavailable, quantize_linears)
 
 DYNAMO_RECOMPILE_LIMIT = 64  # every engine in a process shares the compiled functions' caches
 # renamed from cache_size_limit in recent PyTorch
@@ -98,8 +98,10 @@ class TorchEngine(Engine):
         unknown = sorted(set(options) - {"compile", "quant", "dtype"})
         if unknown:
             raise ValueError(f"unknown torch build options {unknown}; known: compile, quant, dtype")
-        if options.get("quant") and options["quant"] not in QUANT_FORMATS:
-            raise ValueError(f"quant={options['quant']!r} is not one of {sorted(QUANT_FORMATS)}")
+        if options.get("quant"):
+            options = {**options, "quant": quant_format(options["quant"])}
+            if options["quant"] not in QUANT_FORMATS:
+                raise ValueError(f"quant={options['quant']!r} is not one of {sorted(QUANT_FORMATS)}")
         check_dtype(options.get("dtype"))
         link_or_copy(ckpt_dir / WEIGHTS, out / WEIGHTS)
         link_or_copy(ckpt_dir / "config.json", out / "config.json")
@@ -121,6 +123,7 @@ class TorchEngine(Engine):
         self.model = model.eval().requires_grad_(False)
         self.dtype = self.model.float_dtype
         self.quant = quant if quant is not None else opts.get("quant")
+        self.quant = quant_format(self.quant) if self.quant else self.quant
         self.quant_report = None
         if self.config.quantization:
             if self.quant:

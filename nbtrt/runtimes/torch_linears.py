@@ -9,6 +9,7 @@ plus the swap functions that put them into a decoder in place of ``nn.Linear`` /
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -367,24 +368,42 @@ def fast_linear(fmt: str, t: dict[str, torch.Tensor], bias: torch.Tensor | None,
     raise ValueError(f"no fast kernel mapping for quantization format {fmt!r}")
 
 
-# on-the-fly option -> (checkpoint layout it produces, activation dtypes the CUDA kernel needs)
-QUANT_FORMATS: dict[str, tuple[str, tuple[torch.dtype, ...]]] = {
-    "int8_wo": ("int8_wo", ()),
-    "int4_wo": ("int4_wo", (torch.bfloat16,)),
-    "fp8": ("fp8", (torch.bfloat16,)),
-    "w8a8": ("int8_sq", ()),
+# on-the-fly format (nbtrt.quantize's names, layouts in nbtrt.layouts) -> activation dtypes its CUDA kernel needs
+QUANT_FORMATS: dict[str, tuple[torch.dtype, ...]] = {
+    "int8_wo": (),
+    "int4_wo": (torch.bfloat16,),
+    "fp8": (torch.bfloat16,),
+    "int8_sq": (),
 }
+# names the torch engine took before it used nbtrt.quantize's: accepted with a DeprecationWarning
+RENAMED_QUANT_FORMATS = {"w8a8": "int8_sq"}
 INT4_GROUP_SIZES = (128, 64, 32)  # on-the-fly int4: the largest that divides the input size
+
+
+def quant_format(fmt: str) -> str:
+    """``fmt`` under nbtrt.quantize's name: an old torch-engine name (``w8a8``) is mapped, with a
+    DeprecationWarning; other names pass unchanged (unknown ones are reported where they are used).
+
+    >>> quant_format("int8_wo")
+    'int8_wo'
+    """
+    if fmt in RENAMED_QUANT_FORMATS:
+        new = RENAMED_QUANT_FORMATS[fmt]
+        warnings.warn(f"quant={fmt!r} is now called {new!r} (nbtrt.quantize's name); {fmt!r} will go",
+                      DeprecationWarning, stacklevel=3)
+        return new
+    return fmt
 
 
 def quant_unavailable(fmt: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
     """None when ``fmt`` runs on ``device`` with activations in ``dtype``, else the reason."""
+    fmt = quant_format(fmt)
     if fmt not in QUANT_FORMATS:
         return f"unknown format {fmt!r}; known: {sorted(QUANT_FORMATS)}"
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    needs = QUANT_FORMATS[fmt][1]
+    needs = QUANT_FORMATS[fmt]
     if needs and dtype not in needs:
         return f"{fmt} on CUDA needs {[str(d).replace('torch.', '') for d in needs]} activations; build with dtype='bfloat16'"
     if fmt == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -393,13 +412,15 @@ def quant_unavailable(fmt: str, device: torch.device | str, dtype: torch.dtype) 
 
 
 def quantize_linears(model: nn.Module, fmt: str) -> dict:
-    """Quantize every ``nn.Linear`` of ``model`` in place, lm_head included, with nbtrt.quantize's
-    round-to-nearest quantizers (no calibration: activation scales per token) and swap in the
-    kernel-backed module under the same name, so capture and the debugger see the same tree.
+    """Quantize every ``nn.Linear`` of ``model`` in place with nbtrt.quantize's round-to-nearest
+    quantizer (:func:`nbtrt.layouts.quantize_weight`, the same formats and names; no calibration:
+    activation scales per token) and swap in the kernel-backed module under the same name, so
+    capture and the debugger see the same tree. Unlike a ``nbtrt.quantize`` checkpoint (lm_head
+    kept unless ``lm_head=True``), lm_head is quantized too: the GPU benchmarks' figures are of it.
 
     >>> report = quantize_linears(model, "int8_wo")  # doctest: +SKIP
     """
-    layout = QUANT_FORMATS[fmt][0]
+    layout = fmt = quant_format(fmt)
 
     def kernel_module(lin: nn.Linear) -> nn.Module | None:
         group = next((g for g in INT4_GROUP_SIZES if lin.in_features % g == 0), INT4_GROUP_SIZES[0])
