@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static, _run, _decode_fns.
 """The GPU run: parity with HF and the speed figures of the compiled torch engine, in one script.
 
     python benchmarks/gpu.py --out $OUT                     # on the H100/H200 machine

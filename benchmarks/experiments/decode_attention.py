@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static; swaps runtimes.torch_attention.decode_attention (read by decode_block at call time).
 """Experiment (GPU): what decode attention costs an 8B engine's decode step, and whether a fused
 kernel saves it. Each run is variant:format (bf16 or int4_wo; max_seq_len 384, as gpu.py's), in
 a process of its own: "triton" (shipped: nbtrt's flash-decoding kernels, triton_attention),

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static (its decode graph).
 """Experiment (GPU): which kind of captured graph takes an INT4 8B engine's decode graph's
 dependent-launch overlap away (graph_neighbours.py found that capturing a prefill graph does).
 One engine; its decode graph replayed (median of 50, three times) alone, then after each of

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static, _replay, _prefill_static, _pool.
 """Experiment (GPU): does an INT4 8B engine's decode graph replay slower once other things exist
 in the process? One engine (graphed prefills off while it warms up), its decode graph replayed
 (median of 50, five times) after each step in turn: nothing; a small unrelated graph captured in a

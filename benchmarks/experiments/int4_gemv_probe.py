@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): runtimes.torch_linears._pack_for_tinygemm, kernels.cuda_int4._compiled.
 """Probe (GPU): the NVRTC INT4 kernel (nbtrt.kernels.cuda_int4) against tinygemm on the 8B shapes:
 correctness against the dequantized weight, then kernel time (kernel_ms) per variant.
 

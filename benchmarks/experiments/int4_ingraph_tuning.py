@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.cuda_int4._compiled.
 """nbtrt's INT4 kernel on the 8B config's decode shapes as a step runs them: for each shape, 32
 distinct weights (one a layer) multiplied back to back inside one CUDA graph, for every warps-a-block
 and loop-unroll choice; microseconds a call (median of 20 replays), the shipped choice marked.

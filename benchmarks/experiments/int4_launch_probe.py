@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.cuda_int4._compiled.
 """Probe (GPU): host time per launch of the INT4 kernel, through torch.cuda's kernel wrapper,
 through nvrtc.launch (nbtrt's launcher), and as the custom op; printed.
 

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.nvrtc._libcuda.
 """Registers, occupancy and (under Nsight Compute) stall reasons of nbtrt's INT4 kernel against the
 read-only kernel of int4_layout_probe on the 8B gate/up and down shapes: each launched eagerly
 three times on distinct weights.

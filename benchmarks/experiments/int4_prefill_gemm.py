@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.triton_int4._kernel; sets runtimes.torch_linears.INT4_TRITON_MAX_ROWS and reads runtimes.torch_engine.ATTENTION_BACKENDS.
 """INT4 linears of many rows (a prefill), GPU: the Triton kernel that reads the packed weight
 (``nbtrt::int4_weight_mm``) against dequantizing it for cuBLAS (``nbtrt::int4_dequantize`` +
 ``F.linear``), on the 8B config's shapes, and the 8B INT4 engine's 128-token prefill either way.

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.cuda_int8._compiled.
 """nbtrt's INT8 kernel against Inductor's fused one-row GEMV (what INT8 decode ran before it) on
 the 8B decode shapes and the lm_head, in CUDA graphs as in int4_layout_probe (rotating over
 distinct weights so the L2 holds none): microseconds a call and GB/s for 1 row, the kernel's warps

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): sets runtimes.torch_engine.ATTENTION_BACKENDS.
 """Does a prompt of a length the engine has not seen cost more than one it has? (GPU) A chat sends
 a new length every turn. The qwen2.5-0.5b config (random weights, bf16), compiled engine after
 warm-up: host-clock milliseconds of each prefill for a sequence of prompt lengths, new and
