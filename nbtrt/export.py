@@ -281,8 +281,8 @@ def _float_stand_ins(model: Decoder, quantized: dict[str, nn.Module]):
 def _quantize_graph(graph, cfg: DecoderConfig, quantized: dict[str, nn.Module], dtype: torch.dtype) -> None:
     q = cfg.quantization
     nodes = {n.name: n for n in graph}
-    fmt = q.get("format")
-    for name in q.get("layers", []):
+    fmt = q.format
+    for name in q.layers:
         module, path = quantized[name], _node_path(name)
         matmul = nodes[f"{path}/MatMul"]
         old = matmul.inputs[1]
@@ -299,14 +299,14 @@ def _quantize_graph(graph, cfg: DecoderConfig, quantized: dict[str, nn.Module], 
             x = _dynamic_int8(graph, matmul, f"{path}/input", x, dtype)
         matmul.replace_input_with(0, x)
         _drop_if_unused(graph, old)
-    if q.get("kv_cache"):
+    if q.kv_cache:
         producers = {o.name: n for n in graph for o in n.outputs}
         for i in range(cfg.num_layers):
             for kind, short in (("key", "k"), ("value", "v")):
                 concat = producers[f"present.{i}.{kind}"]
                 scale = _const(graph, f"layers.{i}.attn.{short}_quant.scale",
                                quantized[f"layers.{i}.attn.{short}_quant"].scale, dtype)
-                new = _qdq(graph, concat, f"/layers.{i}/attn/{short}_quant", concat.inputs[1], scale, q["kv_cache"])
+                new = _qdq(graph, concat, f"/layers.{i}/attn/{short}_quant", concat.inputs[1], scale, q.kv_cache)
                 concat.replace_input_with(1, new)
     graph.sort()
 

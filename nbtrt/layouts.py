@@ -324,26 +324,26 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def prepare_model(model: nn.Module, cfg: DecoderConfig) -> nn.Module:
-    """Swap ``nn.Linear`` children named in ``cfg.quantization["layers"]`` for empty :class:`QuantLinear`
+    """Swap ``nn.Linear`` children named in ``cfg.quantization.layers`` for empty :class:`QuantLinear`
     (and the KV hook points for :class:`KVQuant`), on the model's device, ready for ``load_state_dict``.
 
     >>> with torch.device("meta"): model = Decoder(cfg)        # doctest: +SKIP
     >>> prepare_model(model, cfg); model.load_state_dict(tensors, assign=True)  # doctest: +SKIP
     """
     q = cfg.quantization
-    if q.get("layout_version") != LAYOUT_VERSION:
-        raise QuantizationError(f"checkpoint quantization layout_version {q.get('layout_version')!r} is not "
+    if q.layout_version != LAYOUT_VERSION:
+        raise QuantizationError(f"checkpoint quantization layout_version {q.layout_version!r} is not "
                                 f"{LAYOUT_VERSION}; re-quantize it with this nbtrt")
-    for name in q.get("layers", []):
+    for name in q.layers:
         old = model.get_submodule(name)
-        model.set_submodule(name, QuantLinear(old.in_features, old.out_features, old.bias is not None, q["format"],
-                                             q.get("group_size") or 0, q.get("activation_scheme") or "per_token",
+        model.set_submodule(name, QuantLinear(old.in_features, old.out_features, old.bias is not None, q.format,
+                                             q.group_size or 0, q.activation_scheme or "per_token",
                                              device=old.weight.device))
-    if q.get("kv_cache"):
+    if q.kv_cache:
         for layer in model.layers:
             device = layer.attn_norm.weight.device
-            layer.attn.k_quant = KVQuant(q["kv_cache"], device=device)
-            layer.attn.v_quant = KVQuant(q["kv_cache"], device=device)
+            layer.attn.k_quant = KVQuant(q.kv_cache, device=device)
+            layer.attn.v_quant = KVQuant(q.kv_cache, device=device)
     return model
 
 
@@ -352,13 +352,13 @@ def expected_tensors(cfg: DecoderConfig) -> dict[str, tuple[tuple[int, ...], tor
     checkpoint must hold: the layout above, read off the config."""
     q = cfg.quantization
     spec: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {n: (s, None) for n, s in expected_shapes(cfg).items()}
-    for name in q.get("layers", []):
+    for name in q.layers:
         out, n = spec.pop(f"{name}.weight")[0]
-        for suffix, s in weight_specs(q["format"], out, n, q.get("group_size") or 0).items():
+        for suffix, s in weight_specs(q.format, out, n, q.group_size or 0).items():
             spec[f"{name}.{suffix}"] = s
-        if FORMATS[q["format"]].activation == "fp8" or q.get("activation_scheme") == "per_tensor":
+        if FORMATS[q.format].activation == "fp8" or q.activation_scheme == "per_tensor":
             spec[f"{name}.input_scale"] = ((), torch.float32)
-    if q.get("kv_cache"):
+    if q.kv_cache:
         for i in range(cfg.num_layers):
             for kv in "kv":
                 spec[f"layers.{i}.attn.{kv}_quant.scale"] = ((), torch.float32)
@@ -368,8 +368,8 @@ def expected_tensors(cfg: DecoderConfig) -> dict[str, tuple[tuple[int, ...], tor
 def check_quantized_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every tensor the quantization block implies is present with its shape and dtype, nothing else."""
     q = cfg.quantization
-    if q.get("format") is not None and q.get("format") not in FORMATS:
-        raise QuantizationError(f"{where}: unknown quantization format {q.get('format')!r} ({sorted(FORMATS)})")
+    if q.format is not None and q.format not in FORMATS:
+        raise QuantizationError(f"{where}: unknown quantization format {q.format!r} ({sorted(FORMATS)})")
     spec = expected_tensors(cfg)
     missing, extra = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
     if missing or extra:

@@ -283,7 +283,7 @@ def calibrate(ckpt: str | Path, source: str | list[str] = "kjv", *, num_samples:
     if model is None:
         cfg, tensors = load_checkpoint(ckpt)
         if cfg.quantization:
-            raise QuantizationError(f"{ckpt} is already quantized ({cfg.quantization.get('format')}); "
+            raise QuantizationError(f"{ckpt} is already quantized ({cfg.quantization.format}); "
                                     "calibrate the unquantized checkpoint")
         model = decoder_from_tensors(cfg, tensors, dtype="float32")
     src = get_source(source)

@@ -90,7 +90,7 @@ def quantize(ckpt: str | Path, out: str | Path, fmt: str | None, calib: str | li
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     cfg, tensors = load_checkpoint(ckpt)
     if cfg.quantization:
-        raise QuantizationError(f"{ckpt} is already quantized ({cfg.quantization.get('format') or 'kv cache'}); "
+        raise QuantizationError(f"{ckpt} is already quantized ({cfg.quantization.format or 'kv cache'}); "
                                 "quantize the original, unquantized checkpoint instead")
     model = decoder_from_tensors(cfg, tensors, dtype="float32")
     layers = _select(model, cfg, fmt, tuple(exclude), lm_head)

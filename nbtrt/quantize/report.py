@@ -40,8 +40,8 @@ def label_of(ckpt: str | Path) -> str:
     q = cfg.quantization
     if not q:
         return cfg.dtype
-    kv = f"+kv_{q['kv_cache']}" if q.get("kv_cache") else ""
-    return f"{q.get('format') or cfg.dtype}{kv}"
+    kv = f"+kv_{q.kv_cache}" if q.kv_cache else ""
+    return f"{q.format or cfg.dtype}{kv}"
 
 
 def size_mb(ckpt: str | Path) -> float:

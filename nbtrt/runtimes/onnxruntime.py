@@ -119,8 +119,8 @@ class OnnxRuntimeEngine(Engine):
         from ..layouts import FORMATS
 
         q = self.config.quantization
-        weights = FORMATS[q["format"]].weight if q.get("format") else None
-        return "fp8" in (weights, q.get("kv_cache")) or (weights == "int8" and accuracy_level == 1)
+        weights = FORMATS[q.format].weight if q.format else None
+        return "fp8" in (weights, q.kv_cache) or (weights == "int8" and accuracy_level == 1)
 
     def _session(self, path: Path, graph: bytes | None = None):
         """A session for ``path``, or for ``graph`` (a serialized variant of it) whose external

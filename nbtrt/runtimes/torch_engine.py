@@ -127,9 +127,9 @@ class TorchEngine(Engine):
         self.quant_report = None
         if self.config.quantization:
             if self.quant:
-                raise RuntimeError(f"{engine_dir} holds a quantized checkpoint ({self.config.quantization.get('format')}); "
+                raise RuntimeError(f"{engine_dir} holds a quantized checkpoint ({self.config.quantization.format}); "
                                    f"quant={self.quant!r} applies to float checkpoints only")
-            self.quant = self.config.quantization.get("format")
+            self.quant = self.config.quantization.format
             self.quant_report = accelerate_quantized(self.model, self.dtype)
         elif self.quant:
             reason = quant_unavailable(self.quant, self.device, self.dtype)
