@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ipywidgets as w
 
-from ..engine import BACKENDS, _ensure_backends
+from ..engine import BACKENDS, _ensure_backends, default_backend
+from ..plots import COLORS
 
 DTYPES = ("checkpoint", "float32", "float16", "bfloat16")
 
@@ -22,8 +23,6 @@ DTYPES = ("checkpoint", "float32", "float16", "bfloat16")
 def memory_figure(rows: list[dict], title: str = "Memory plan: weights + KV cache"):
     """Stacked bars of :func:`memory_plan` rows."""
     import plotly.graph_objects as go
-
-    from ..plots import COLORS
 
     fig = go.Figure()
     for i, (key, label) in enumerate((("weights_gib", "weights"), ("kv_cache_gib", "KV cache"))):
@@ -44,8 +43,6 @@ class BuildOptions(w.VBox):
                  max_input_len: int = 512, max_seq_len: int = 1024, dtype: str | None = None,
                  builder_opt_level: int = 3, workspace_gib: float = 4.0, timing_cache: str = ""):
         _ensure_backends()
-        from ..engine import default_backend
-
         style = {"description_width": "150px"}
         self.backend = w.Dropdown(options=sorted(BACKENDS), value=backend or default_backend(), description="backend",
                                   style=style)
