@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .._version import __version__
 from ..generate import GenerationState, SamplingParams, generate_tokens
 from .stats import request_metrics, summarize
 from .workloads import Workload
@@ -215,8 +216,6 @@ def measure(runner: Runner, workload: Workload, vocab_size: int, warmup: int = 1
 def machine() -> dict:
     """Where a result was measured: machine, GPU, versions, date."""
     import transformers
-
-    from .._version import __version__
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
