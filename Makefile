@@ -1,5 +1,5 @@
 # make demo  — set up .venv (if needed) and run every notebook headless (build/summary.md)
-# make test  — set up .venv (if needed) and run the tests, then nbval over notebooks/
+# make test  — set up .venv (if needed), check the import contract (lint-imports), run the tests, then nbval over notebooks/
 # Both work on a fresh machine with Python 3.11; scripts/setup.sh does all the setup.
 
 SHELL := /bin/bash
@@ -21,6 +21,7 @@ zoo: setup
 # (neither the tests nor the notebooks).
 test:
 	@bash scripts/setup.sh --browser
+	.venv/bin/lint-imports  # the import contract in pyproject.toml ([tool.importlinter])
 	@set -u; ran=0; \
 	$(OFFLINE) $(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 0 ]; then ran=1; elif [ $$rc -ne 5 ]; then exit $$rc; fi; \

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static, _run, _decode_fns.
 """The GPU run: parity with HF and the speed figures of the compiled torch engine, in one script.
 
     python benchmarks/gpu.py --out $OUT                     # on the H100/H200 machine
@@ -13,7 +14,7 @@ Sections (``--sections``, default all; each is timed, a failure is recorded and 
   sweep     qwen2.5-0.5b config, batch 1/8/32/64 (prompt 128, 128 new): tokens/s and peak memory vs HF
   mix       qwen2.5-0.5b config, the ShareGPT-like mix (100 requests, seed 0) in static batches of 64
   kernels   each quantized linear vs its dequantized reference on a real 8B shape
-  llama8b   llama-3.1-8b config, bf16 / int8_wo / int4_wo / fp8 / w8a8: decode step time vs the
+  llama8b   llama-3.1-8b config, bf16 / int8_wo / int4_wo / fp8 / int8_sq (W8A8): decode step time vs the
             bandwidth floor, tokens/s through the generation loop; bf16 prefill of 2048 tokens vs
             the matmul floor; each engine (and the prefill) in a process of its own
 
@@ -37,8 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nbtrt import bench as B  # noqa: E402
-from nbtrt.backends.torch import (QUANT_FORMATS, TorchEngine, decode_weight_bytes, quant_unavailable,  # noqa: E402
-                                  quantize_linears)
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_linears import (QUANT_FORMATS, decode_weight_bytes, quant_unavailable,  # noqa: E402
+                                          quantize_linears)
 from nbtrt.convert import convert_tensors  # noqa: E402
 from nbtrt.generate import GenerationState, SamplingParams, generate_tokens  # noqa: E402
 from nbtrt.mapping import architecture_for  # noqa: E402
@@ -180,18 +182,18 @@ def profile_kernels(fn, calls: int, top: int = 15) -> list[dict]:
 def sdpa_decode(enabled: bool = True):
     """Engines built inside decode with SDPA on expanded KV heads, as before grouped_decode_attention
     (variant ``bf16:expand``): the compiled decode block is chosen when the engine is built."""
-    import nbtrt.backends.torch as torch_backend
+    import nbtrt.runtimes.torch_attention as pieces  # TorchEngine reads pieces.decode_block when built
 
     def block(layer, x, rope, mask, k, v, cache_position):
-        return layer(x, rope, mask, torch_backend._LayerKV(k, v), cache_position)
+        return layer(x, rope, mask, pieces.LayerKV(k, v), cache_position)
 
-    saved = torch_backend._decode_block
+    saved = pieces.decode_block
     if enabled:
-        torch_backend._decode_block = block
+        pieces.decode_block = block
     try:
         yield
     finally:
-        torch_backend._decode_block = saved
+        pieces.decode_block = saved
 
 
 def llama8b_random(quick: bool) -> Decoder:
@@ -371,12 +373,12 @@ def sec_mix(R, quick):
 
 
 def _kernel_reference(fmt: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What each format computes (nbtrt.quantize.formats' layout), written out independently in float32."""
+    """What each format computes (nbtrt.layouts' layout), written out independently in float32."""
     wf, xf = w.float(), x.float()
-    if fmt in ("int8_wo", "w8a8"):
+    if fmt in ("int8_wo", "int8_sq"):
         s = wf.abs().amax(1, keepdim=True) / 127
         wd = (wf / s).round().clamp(-127, 127) * s
-        if fmt == "w8a8":
+        if fmt == "int8_sq":
             xs = xf.abs().amax(1, keepdim=True) / 127
             xf = (xf / xs).round().clamp(-127, 127) * xs
         return xf @ wd.t()
@@ -627,7 +629,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "work/gpu"))
     ap.add_argument("--quick", action="store_true", help="tiny configs and lengths (a CPU rehearsal)")
     ap.add_argument("--sections", default="ceilings,parity,small,sweep,kernels,llama8b")
-    ap.add_argument("--formats", default="int8_wo,int4_wo,fp8,w8a8", help="quantized variants of the 8B run")
+    ap.add_argument("--formats", default="int8_wo,int4_wo,fp8,int8_sq", help="quantized variants of the 8B run")
     ap.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped past it")
     ap.add_argument("--llama8b-part", help=argparse.SUPPRESS)  # one part of the 8B section; JSON to --out
     a = ap.parse_args(argv)

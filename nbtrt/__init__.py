@@ -1,5 +1,5 @@
 """nbtrt: convert -> quantize -> build -> chat -> benchmark, with layer diffs against HF at every stage."""
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import debug, plots, zoo  # noqa: E402
 from .convert import convert, mapping_table  # noqa: E402

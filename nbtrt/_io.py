@@ -109,7 +109,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def provenance(stage: str, source: str | os.PathLike, options: dict, content_hash: str) -> dict:
-    from . import __version__
+    from ._version import __version__
 
     return {
         "stage": stage,

@@ -10,20 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from ._io import ArtifactError, copy_tokenizer_files, file_sha256, provenance, write_json
 from .config import DecoderConfig, load_checkpoint_config
+from .layouts import check_quantized_tensors, expected_shapes
 
 WEIGHTS = "rank0.safetensors"  # tensor-parallel shards would be rank1, rank2, ...
-
-
-def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read off the decoder itself (one source of truth)."""
-    from .model import Decoder
-
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
 
 
 def check_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -71,8 +60,6 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = False) -> tuple[De
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path} is unreadable or truncated ({e}); re-run the stage that wrote it") from None
     if cfg.quantization:
-        from .quantize.formats import check_quantized_tensors
-
         check_quantized_tensors(cfg, tensors, str(ckpt_dir))
     else:
         check_tensors(cfg, tensors, str(ckpt_dir))

@@ -6,7 +6,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from ._io import ArtifactError, read_json
 
@@ -29,6 +29,56 @@ def check_dtype(dtype: str | None) -> None:
     checkpoint's). Every stage that takes a dtype checks it here, up front."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class QuantConfig(Mapping):
+    """The ``quantization`` block of a quantized checkpoint's config (the layout: :mod:`nbtrt.layouts`).
+    Read its fields as attributes; it is also a read-only mapping of the keys its JSON held, so
+    ``to_dict()`` writes back exactly what was read (config.json and engine.json stay byte-for-byte
+    the same) and an unquantized config's empty block is falsy.
+
+    >>> q = QuantConfig.from_dict({"layout_version": 1, "format": "int8_wo", "layers": ["lm_head"]})
+    >>> q.format, q.group_size, bool(QuantConfig()), q.to_dict() == {"layout_version": 1, "format": "int8_wo", "layers": ["lm_head"]}
+    ('int8_wo', None, False, True)
+    """
+
+    layout_version: int | None = None
+    format: str | None = None  # a weight format of nbtrt.layouts.FORMATS, or None (KV cache only)
+    kv_cache: str | None = None  # None | "int8" | "fp8"
+    group_size: int | None = None  # int4 formats
+    alpha: float | None = None  # int8_sq (SmoothQuant)
+    activation_scheme: str | None = None  # "per_token" | "per_tensor" (int8_sq, fp8)
+    layers: list = field(default_factory=list)  # the quantized linears, by module name
+    kept_high_precision: list = field(default_factory=list)
+    calibration: dict | None = None
+    awq: dict | None = None  # int4_awq: the search grid and the chosen alphas
+    json_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)  # the keys its JSON held, in order
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | "QuantConfig" | None) -> "QuantConfig":
+        if isinstance(data, QuantConfig):
+            return data
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)} - {"json_keys"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError(f"unknown quantization keys {unknown}; was this written by a newer nbtrt?")
+        return cls(**data, json_keys=tuple(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.json_keys}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.json_keys:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.json_keys)
+
+    def __len__(self) -> int:
+        return len(self.json_keys)
 
 
 @dataclass
@@ -66,10 +116,11 @@ class DecoderConfig:
     qk_norm: bool = False
     tie_embeddings: bool = False
     dtype: str = "float32"
-    quantization: dict = field(default_factory=dict)  # {} means unquantized
+    quantization: QuantConfig = field(default_factory=QuantConfig)  # empty (falsy): unquantized
 
     def __post_init__(self) -> None:
         self._check_numbers()
+        self.quantization = QuantConfig.from_dict(self.quantization)  # a dict is accepted too
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
@@ -115,7 +166,7 @@ class DecoderConfig:
         return self.q_size + 2 * self.kv_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "quantization": self.quantization.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DecoderConfig":

@@ -350,7 +350,7 @@ def build(ckpt: str | Path, out: str | Path, *, backend: str | None = None, max_
         recorded = BACKENDS[backend]._build_files(ckpt, tmp, cfg, limits, options)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        from . import __version__
+        from ._version import __version__
 
         write_json(tmp / ENGINE_JSON, {
             "backend": backend,
@@ -439,7 +439,7 @@ def check_kv_cache_fits(ckpt: Path, cfg: DecoderConfig, limits: EngineLimits, ba
 
 def _ensure_backends() -> None:
     """Import the backend modules so they register (lazy: onnx/tensorrt import only when used)."""
-    from . import backends  # noqa: F401
+    from . import runtimes  # noqa: F401
 
 
 def add_cli(sub) -> None:

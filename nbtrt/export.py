@@ -40,7 +40,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._io import read_json
 from .config import DecoderConfig, check_dtype
+from .layouts import EPS, FORMATS, INT8_MAX, KVQuant, QuantLinear, unpack_int4
 from .model import ConcatKVCache, Decoder, TORCH_DTYPES, load_decoder
 
 OPSET = 21  # block-wise DequantizeLinear (INT4) and FP8 Q/DQ; below Attention (23), which TensorRT 10 lacks
@@ -250,8 +252,6 @@ def _name_module_outputs(graph, cfg: DecoderConfig) -> dict[str, str]:
 #   KV cache (int8 / fp8): QuantizeLinear -> DequantizeLinear on the new key/value before the
 #   Concat that makes present.{i}.key/value, as the reference quantizes what the cache stores.
 def _quantized_modules(model: Decoder) -> dict[str, nn.Module]:
-    from .quantize.formats import KVQuant, QuantLinear
-
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, KVQuant))}
 
 
@@ -279,12 +279,10 @@ def _float_stand_ins(model: Decoder, quantized: dict[str, nn.Module]):
 
 
 def _quantize_graph(graph, cfg: DecoderConfig, quantized: dict[str, nn.Module], dtype: torch.dtype) -> None:
-    from .quantize.formats import FORMATS
-
     q = cfg.quantization
     nodes = {n.name: n for n in graph}
-    fmt = q.get("format")
-    for name in q.get("layers", []):
+    fmt = q.format
+    for name in q.layers:
         module, path = quantized[name], _node_path(name)
         matmul = nodes[f"{path}/MatMul"]
         old = matmul.inputs[1]
@@ -301,14 +299,14 @@ def _quantize_graph(graph, cfg: DecoderConfig, quantized: dict[str, nn.Module], 
             x = _dynamic_int8(graph, matmul, f"{path}/input", x, dtype)
         matmul.replace_input_with(0, x)
         _drop_if_unused(graph, old)
-    if q.get("kv_cache"):
+    if q.kv_cache:
         producers = {o.name: n for n in graph for o in n.outputs}
         for i in range(cfg.num_layers):
             for kind, short in (("key", "k"), ("value", "v")):
                 concat = producers[f"present.{i}.{kind}"]
                 scale = _const(graph, f"layers.{i}.attn.{short}_quant.scale",
                                quantized[f"layers.{i}.attn.{short}_quant"].scale, dtype)
-                new = _qdq(graph, concat, f"/layers.{i}/attn/{short}_quant", concat.inputs[1], scale, q["kv_cache"])
+                new = _qdq(graph, concat, f"/layers.{i}/attn/{short}_quant", concat.inputs[1], scale, q.kv_cache)
                 concat.replace_input_with(1, new)
     graph.sort()
 
@@ -346,8 +344,6 @@ def _qdq(graph, before, path: str, x, scale, kind: str):
 def _dynamic_int8(graph, before, path: str, x, dtype: torch.dtype):
     """Per-token symmetric int8 fake quantization, as the reference: s = max(|x|max / 127, eps);
     round(x / s) clipped to [-127, 127], times s."""
-    from .quantize.formats import EPS, INT8_MAX
-
     key = path.strip("/").replace("/", ".")
     c = {n: _const(graph, f"{key}.{n}", torch.tensor(v), dtype) for n, v in
          (("qmax", INT8_MAX), ("qmin", -INT8_MAX), ("eps", EPS))}
@@ -365,8 +361,6 @@ def _dynamic_int8(graph, before, path: str, x, dtype: torch.dtype):
 def _dequantized_weight(graph, matmul, name: str, module, dtype: torch.dtype):
     """DequantizeLinear over the stored weight, transposed to MatMul's [in, out]."""
     import onnx_ir as ir
-
-    from .quantize.formats import FORMATS, unpack_int4
 
     kind = FORMATS[module.fmt].weight
     path = _node_path(name)
@@ -465,8 +459,6 @@ def engine_summary(engine_dir: str | Path) -> dict[str, list[dict]]:
     >>> summary = engine_summary("work/engine")  # doctest: +SKIP
     >>> summary["files"], summary["inputs"], summary["outputs"], summary["linears"]  # doctest: +SKIP
     """
-    from ._io import read_json
-
     engine_dir = Path(engine_dir)
     manifest = read_json(engine_dir / "engine.json")
     files = [{"file": name, "MiB": round(info["bytes"] / 2 ** 20, 3)} for name, info in manifest["files"].items()]

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .config import DecoderConfig
+from .layouts import prepare_model
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -196,10 +198,13 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.activation = cfg.activation
         self.act = ACTIVATIONS[cfg.activation]
+        # The MLP's swap point: a runtime may set a module computing act(gate(x)) * up(x) in one
+        # kernel (the torch runtime's INT4 / INT8 gated inputs); None runs the linears above.
+        self.fused_gate_up: nn.Module | None = None
 
     def forward(self, x):
-        if hasattr(self, "gate_input"):  # a runtime's one kernel for act(gate(x)) * up(x) (torch backend, INT4 / INT8)
-            return self.down(self.gate_input(x))
+        if self.fused_gate_up is not None:
+            return self.down(self.fused_gate_up(x))
         h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
         return self.down(h)
 
@@ -339,8 +344,6 @@ def load_decoder(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype
 
     >>> model = load_decoder("work/ckpt")  # doctest: +SKIP
     """
-    from .checkpoint import load_checkpoint
-
     cfg, tensors = load_checkpoint(ckpt_dir)
     return decoder_from_tensors(cfg, tensors, device=device, dtype=dtype)
 
@@ -356,8 +359,6 @@ def decoder_from_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor],
     if cfg.tie_embeddings:
         tensors = {**tensors, "lm_head.weight": tensors["embed.tok.weight"]}
     if cfg.quantization:  # quantized linears replace nn.Linear children before the weights load
-        from .quantize.formats import prepare_model
-
         prepare_model(model, cfg)
     model.load_state_dict(tensors, strict=True, assign=True)
     if cfg.tie_embeddings:

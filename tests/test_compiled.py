@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import nbtrt
-from nbtrt.backends.torch import QUANT_FORMATS, TorchEngine, quantize_linears
+from nbtrt.runtimes.torch_linears import QUANT_FORMATS, quantize_linears
+from nbtrt.runtimes.torch_engine import TorchEngine
 from nbtrt.debug.metrics import tensor_metrics
 from nbtrt.generate import GenerationState, SamplingParams, generate_tokens
 from nbtrt.testing import tiny_hf_model
@@ -99,11 +100,11 @@ def test_capture_still_works_on_compiled_engine(compiled):
 
 
 def _reference(fmt, w, x):
-    """Each format's arithmetic as nbtrt.quantize.formats documents it, written out in float32."""
-    if fmt in ("int8_wo", "w8a8"):
+    """Each format's arithmetic as nbtrt.layouts documents it, written out in float32."""
+    if fmt in ("int8_wo", "int8_sq"):
         s = w.abs().amax(1, keepdim=True) / 127
         wd = (w / s).round().clamp(-127, 127) * s
-        if fmt == "w8a8":  # activations per token at run time
+        if fmt == "int8_sq":  # activations per token at run time
             xs = x.abs().amax(1, keepdim=True) / 127
             x = (x / xs).round().clamp(-127, 127) * xs
         return x @ wd.t()
@@ -161,7 +162,7 @@ def test_quantized_linear_matches_its_arithmetic(fmt):
     report = quantize_linears(holder, fmt)
     assert report == {"format": fmt, "quantized": 1, "kept": []}
     assert type(holder[0]).__name__ == {"int8_wo": "Int8WeightOnlyLinear", "int4_wo": "Int4WeightOnlyLinear",
-                                        "fp8": "FP8Linear", "w8a8": "W8A8Linear"}[fmt]
+                                        "fp8": "FP8Linear", "int8_sq": "W8A8Linear"}[fmt]
     x = torch.randn(5, 64)
     with torch.no_grad():
         got = holder(x)
@@ -170,8 +171,16 @@ def test_quantized_linear_matches_its_arithmetic(fmt):
     err = rel_l2(want, got)
     assert err <= 1e-4 if fmt != "int4_wo" else err <= 3e-3, err  # int4 kernel keeps scale/zero in its dtype
     # and quantization error itself is what the format promises, not garbage
-    bound = {"int8_wo": 0.02, "w8a8": 0.03, "fp8": 0.08, "int4_wo": 0.2}[fmt]
+    bound = {"int8_wo": 0.02, "int8_sq": 0.03, "fp8": 0.08, "int4_wo": 0.2}[fmt]
     assert rel_l2(exact, got) <= bound
+
+
+def test_old_torch_quant_name_maps_to_nbtrt_quantize_name():
+    """The torch engine's formats are nbtrt.quantize's; its old name ``w8a8`` still works, with a warning."""
+    holder = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    with pytest.warns(DeprecationWarning, match="int8_sq"):
+        report = quantize_linears(holder, "w8a8")
+    assert report["format"] == "int8_sq" and type(holder[0]).__name__ == "W8A8Linear"
 
 
 @pytest.mark.parametrize("fmt", ["int8_wo", "int4_wo"])
@@ -296,7 +305,7 @@ def test_quantized_checkpoint_runs_on_kernels(tiny, tmp_path, fmt, group, fast):
     reference modules (formats.QuantLinear, dequantize then matmul) compute. Shapes the kernel
     cannot take (int4 groups of 128 over 64 / 96 inputs) keep the reference module, reported."""
     from nbtrt.quantize import quantize
-    from nbtrt.quantize.formats import QuantLinear
+    from nbtrt.layouts import QuantLinear
 
     _, ckpt = tiny
     qckpt = quantize(ckpt, tmp_path / "q", fmt, group_size=group)
@@ -338,7 +347,7 @@ def test_int8_down_projection_reads_a_realized_input(tiny):
 def test_grouped_decode_attention_equals_sdpa_on_expanded_heads(dtype, device):
     """The compiled decode's attention reads each KV head once for its query heads; it must give
     what SDPA gives on the expanded heads, masked slots (padding, unfilled cache) included."""
-    from nbtrt.backends.torch import grouped_decode_attention
+    from nbtrt.runtimes.torch_attention import grouped_decode_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, KV, S, D = 2, 6, 2, 11, 16
@@ -362,8 +371,8 @@ def test_int4_prefill_dequantizes_exactly_what_the_decode_kernel_multiplies(in_f
     tinygemm (8, 4 and 2 inner k-tiles here, its layout found by probing its packing kernel). A
     prefill reads the weight back out of either layout and runs one bf16 matmul: the weight is bit
     for bit the checkpoint's, and the product agrees with the decode kernel's, token by token."""
-    from nbtrt.backends.torch import Int4WeightOnlyLinear
-    from nbtrt.quantize.formats import quantize_int4, unpack_int4
+    from nbtrt.runtimes.torch_linears import Int4WeightOnlyLinear
+    from nbtrt.layouts import quantize_int4, unpack_int4
 
     torch.manual_seed(0)
     w = torch.randn(256, in_features, device="cuda") * 0.02
@@ -384,7 +393,7 @@ def test_int4_prefill_dequantizes_exactly_what_the_decode_kernel_multiplies(in_f
 def test_int4_mma_layout_unpacks_to_the_nibbles_it_packed():
     """The mma kernel's pre-shuffled words hold every nibble once, and unpack() reads them back;
     slicing the rows (lm_head-sized weights) does not change the words."""
-    from nbtrt.backends import cuda_int4
+    from nbtrt.kernels import cuda_int4
 
     u = torch.randint(0, 16, (48, 192), dtype=torch.int32)
     words = cuda_int4.pack(u)
@@ -412,7 +421,7 @@ def test_int4_mma_kernel_equals_dequantize_then_matmul(rows, out_features, in_fe
     """The mma kernel gives the dequantized weight's product (fp32) within bf16 rounding, for 1 to
     8 rows (the B operand's columns, partly filled) and more (one launch per 8), on the 8B model's
     shapes (1, 8 and 16 warps a block) and small ones (1 warp, groups of 64 and 256)."""
-    from nbtrt.backends import cuda_int4
+    from nbtrt.kernels import cuda_int4
 
     u, scale, weight = _random_int4_weight(out_features, in_features, group)
     assert cuda_int4.unavailable_reason(u.device, out_features, in_features, group) is None
@@ -430,7 +439,7 @@ def test_int4_triton_kernel_equals_dequantize_then_matmul(rows, out_features, in
     """The Triton kernel reads the packed words as they are (nibbles in the decode kernel's order,
     inputs taken in that order too) and gives the dequantized weight's product (fp32) within bf16
     rounding, for rows that fill its row tiles or not and weights of whole and partial column tiles."""
-    from nbtrt.backends import cuda_int4, triton_int4
+    from nbtrt.kernels import cuda_int4, triton_int4
 
     u, scale, weight = _random_int4_weight(out_features, in_features, group)
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
@@ -445,7 +454,7 @@ def test_dependent_launch_structs_have_cuda_h_layout():
     on 64-bit hosts; the attribute is CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6), on."""
     import ctypes
 
-    from nbtrt.backends import nvrtc
+    from nbtrt.kernels import nvrtc
 
     config = nvrtc._LaunchConfig
     fields = ("grid", "block", "shared_bytes", "stream", "attrs", "num_attrs")
@@ -458,7 +467,7 @@ def test_dependent_launch_structs_have_cuda_h_layout():
 def test_gate_up_interleave_puts_a_tiles_gate_rows_over_its_up_rows():
     """The fused INT4 MLP input's weight: each 16-row tile of the kernel holds 8 gate rows, then the
     up rows of the same 8 outputs, so the tile's epilogue has both halves of act(gate) * up."""
-    from nbtrt.backends import cuda_int4
+    from nbtrt.kernels import cuda_int4
 
     gate = torch.arange(16 * 3).view(16, 3)
     up = -gate - 1
@@ -476,9 +485,9 @@ def test_int4_gated_input_equals_its_two_projections(activation, rows):
     """``act(gate(x)) * up(x)`` from the fused module (one launch, the activation applied in the
     kernel; 64 rows or more: one matmul of the interleaved weight) equals the two INT4 linears and the
     activation run apart."""
-    from nbtrt.backends.torch import Int4GatedInput, Int4WeightOnlyLinear
+    from nbtrt.runtimes.torch_linears import Int4GatedInput, Int4WeightOnlyLinear
     from nbtrt.model import ACTIVATIONS
-    from nbtrt.quantize.formats import quantize_int4
+    from nbtrt.layouts import quantize_int4
 
     torch.manual_seed(0)
     I, K, group = 1024, 512, 128
@@ -495,7 +504,7 @@ def test_int4_gated_input_equals_its_two_projections(activation, rows):
 
 
 def test_int8_kernel_takes_whole_tiles_and_only_cuda():
-    from nbtrt.backends import cuda_int8
+    from nbtrt.kernels import cuda_int8
 
     assert cuda_int8.fits(48, 192) and not cuda_int8.fits(40, 192) and not cuda_int8.fits(48, 96)
     assert cuda_int8.unavailable_reason(torch.device("cpu"), 48, 192) is not None
@@ -511,7 +520,7 @@ def test_int8_mma_kernel_equals_the_eager_module(rows, out_features, in_features
     """nbtrt's INT8 kernel gives the eager module's ``linear(x, w) * scale`` within bf16 rounding,
     for 1 to 8 rows (the B operand's columns, partly filled) and more (one launch per 8), on the 8B
     model's shapes (4 and 16 warps a block) and small ones (one chunk a warp)."""
-    from nbtrt.backends import cuda_int8
+    from nbtrt.kernels import cuda_int8
 
     torch.manual_seed(0)
     weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device="cuda")
@@ -529,7 +538,7 @@ def test_int8_mma_kernel_equals_the_eager_module(rows, out_features, in_features
 def test_int8_gated_input_equals_its_two_projections(activation, rows):
     """``act(gate(x)) * up(x)`` from the fused INT8 module (one launch up to 8 rows, the two
     linears past that) equals the two INT8 linears' eager arithmetic and the activation."""
-    from nbtrt.backends.torch import Int8GatedInput
+    from nbtrt.runtimes.torch_linears import Int8GatedInput
     from nbtrt.model import ACTIVATIONS
 
     torch.manual_seed(0)
@@ -554,7 +563,7 @@ def test_int8_triton_kernel_equals_dequantize_then_matmul(rows):
     """The Triton INT8 kernel (a few rows: batched decode, short prompts) gives the eager product,
     the weight dequantized then multiplied, for row counts that fill its 64-row tile partly, and
     output counts that are not a whole number of its column blocks."""
-    from nbtrt.backends import triton_int8
+    from nbtrt.kernels import triton_int8
 
     torch.manual_seed(0)
     weight = torch.randint(-127, 128, (200, 384), dtype=torch.int8, device="cuda")
@@ -572,7 +581,7 @@ def test_compiled_int8_linear_takes_its_kernel_by_rows():
     below MANY_ROWS rows and dequantize + cuBLAS from there; all agree with the eager module."""
     from torch._inductor.utils import run_and_get_code
 
-    from nbtrt.backends.torch import MANY_ROWS
+    from nbtrt.runtimes.torch_linears import MANY_ROWS
 
     torch.manual_seed(0)
     holder = torch.nn.Sequential(torch.nn.Linear(512, 768, bias=False).cuda().bfloat16())
@@ -598,7 +607,7 @@ def test_compiled_int4_linear_takes_its_kernel_by_rows():
     module's dequantized weight."""
     from torch._inductor.utils import run_and_get_code
 
-    from nbtrt.backends.torch import INT4_TRITON_MAX_ROWS, MANY_ROWS
+    from nbtrt.runtimes.torch_linears import INT4_TRITON_MAX_ROWS, MANY_ROWS
 
     torch.manual_seed(0)
     holder = torch.nn.Sequential(torch.nn.Linear(512, 768, bias=False).cuda().bfloat16())
@@ -655,7 +664,7 @@ def test_kernel_timing_shadows_inductors_gpu_timing_only_inside():
     use keeps it until the outermost exit, and after that the benchmarker's own method is back."""
     from torch._inductor.runtime.benchmarking import benchmarker
 
-    from nbtrt.backends import inductor_timing
+    from nbtrt.kernels import inductor_timing
 
     own = type(benchmarker).benchmark_gpu
     with inductor_timing.kernel_timing():
@@ -673,7 +682,7 @@ def test_kernel_ms_times_the_kernel_not_its_launch():
     the kernel's."""
     import time
 
-    from nbtrt.backends.inductor_timing import kernel_ms
+    from nbtrt.kernels.inductor_timing import kernel_ms
 
     x = torch.zeros(1024, device="cuda")
 
@@ -697,7 +706,7 @@ def test_cuda_engine_tunes_its_kernels_with_kernel_ms(tiny, monkeypatch):
     """A compiled engine's first steps on CUDA, where Inductor tunes each new kernel, time the
     kernels with ``kernel_ms`` (the caches are off, so this run tunes rather than reads earlier
     choices); the engine's output is unchanged by it."""
-    from nbtrt.backends import inductor_timing
+    from nbtrt.kernels import inductor_timing
 
     calls = []
     timed = inductor_timing.kernel_ms
@@ -727,8 +736,9 @@ def test_flash_decoding_kernel_equals_the_matmul_path(dtype, B, H, KV, S, D, one
     (1, 3, 7 and 8 a KV head), head sizes that are and are not powers of two, caches of one
     split, several, and longer splits (9000 slots), or all in one, slots masked as padding or
     not yet filled; called directly and from a compiled graph."""
-    from nbtrt.backends import triton_attention
-    from nbtrt.backends.torch import _LIMIT_KEY, grouped_decode_attention
+    from nbtrt.kernels import triton_attention
+    from nbtrt.runtimes.torch_engine import _LIMIT_KEY
+    from nbtrt.runtimes.torch_attention import grouped_decode_attention
 
     block = triton_attention.BLOCK_S
     split = block * -(-S // block) if one_split else triton_attention.keys_per_split(S)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import nbtrt
-import nbtrt.backends  # noqa: F401  (registers every backend)
+import nbtrt.runtimes  # noqa: F401  (registers every backend)
 from nbtrt._io import copy_tokenizer_files
 from nbtrt.chat import ChatSession
 from nbtrt.engine import BACKENDS

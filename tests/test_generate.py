@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import nbtrt
-import nbtrt.backends  # noqa: F401  (registers every backend)
+import nbtrt.runtimes  # noqa: F401  (registers every backend)
 from nbtrt._io import copy_tokenizer_files
 from nbtrt.chat import apply_chat_template
 from nbtrt.engine import BACKENDS

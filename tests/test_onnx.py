@@ -349,7 +349,7 @@ def test_float16_engine(tiny, tmp_path):
 def test_memory_plan_against_real_tensors(tiny):
     """The plan's float32 numbers against what the engine really holds: the weight file's size
     and the bytes of the present tensors after a prefill."""
-    from nbtrt.widgets.build import memory_plan
+    from nbtrt.memory import memory_plan
 
     _, ckpt, ort, _ = tiny("LlamaForCausalLM")
     B, T = 2, 9
@@ -398,7 +398,7 @@ def test_tensorrt_profiles_cover_the_limits(tiny):
     """The optimization profiles TensorRT would get (pure Python: the only part of the TensorRT
     backend that runs without tensorrt): every shape the ONNX Runtime engine accepted in
     prefill_and_decode lies inside the context or the generation profile."""
-    from nbtrt.backends.tensorrt import optimization_profiles
+    from nbtrt.runtimes.tensorrt import optimization_profiles
     from nbtrt.engine import EngineLimits
 
     *_, ort, _ = tiny("Qwen2ForCausalLM")

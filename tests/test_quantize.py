@@ -19,8 +19,9 @@ import nbtrt.quantize as nq
 from nbtrt._io import copy_tokenizer_files
 from nbtrt.checkpoint import load_checkpoint
 from nbtrt.model import capture_outputs, load_decoder
-from nbtrt.quantize import calib, formats, smoothquant
-from nbtrt.quantize.formats import QuantizationError
+from nbtrt import layouts as formats
+from nbtrt.quantize import calib, smoothquant
+from nbtrt.layouts import QuantizationError
 from nbtrt.testing import random_hf_model, tiny_hf_model
 
 VOCAB = 49152  # the SmolLM2 tokenizer's
@@ -420,3 +421,19 @@ def test_lm_head_only_when_asked_and_untied(tiny, tmp_path):
     with torch.no_grad():
         ref, out = load_decoder(ckpt)(ids), load_decoder(tmp_path / "q")(ids)
     assert out.dtype == torch.float32 and ((out - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(norm="layer", position="learned", gated_mlp=False, mlp_bias=True),
+                                   dict(qkv_bias=True, o_bias=True, qk_norm=True, tie_embeddings=True)])
+def test_expected_shapes_match_the_decoder(flags):
+    """The checkpoint layout computed from the config alone names and shapes exactly the decoder's tensors."""
+    from nbtrt.config import DecoderConfig
+    from nbtrt.model import Decoder
+
+    cfg = DecoderConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48,
+                        num_layers=2, num_heads=4, num_kv_heads=2, rope_theta=1e4, **flags)
+    with torch.device("meta"):
+        state = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    assert list(formats.expected_shapes(cfg).items()) == list(state.items())

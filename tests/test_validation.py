@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import nbtrt
-import nbtrt.backends  # noqa: F401  (registers every backend)
+import nbtrt.runtimes  # noqa: F401  (registers every backend)
 from nbtrt._io import copy_tokenizer_files
 from nbtrt.chat import ChatSession
 from nbtrt.generate import GenerationError, SamplingParams

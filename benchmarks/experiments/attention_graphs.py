@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static (its decode graph); sets runtimes.torch_engine.ATTENTION_BACKENDS.
 """Experiment (GPU): graph_kinds.py found that capturing a graph of flash attention takes an INT4
 8B engine's decode graph's dependent-launch overlap away. Does another SDPA backend do the same?
 For each backend, in a process of its own (the slow state outlasts the graph that caused it): the
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 from graph_kinds import captured  # noqa: E402
 
-import nbtrt.backends.torch as nbtrt_torch  # noqa: E402
+import nbtrt.runtimes.torch_engine as nbtrt_torch  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}

@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends import cuda_int4, cuda_int8  # noqa: E402
-from nbtrt.backends.torch import TorchEngine  # noqa: E402
+from nbtrt.kernels import cuda_int4, cuda_int8  # noqa: E402
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 from nbtrt.mapping import architecture_for  # noqa: E402
 from nbtrt.model import Decoder  # noqa: E402
 

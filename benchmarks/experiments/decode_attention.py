@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static; swaps runtimes.torch_attention.decode_attention (read by decode_block at call time).
 """Experiment (GPU): what decode attention costs an 8B engine's decode step, and whether a fused
 kernel saves it. Each run is variant:format (bf16 or int4_wo; max_seq_len 384, as gpu.py's), in
 a process of its own: "triton" (shipped: nbtrt's flash-decoding kernels, triton_attention),
@@ -21,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-import nbtrt.backends.torch as nbtrt_torch  # noqa: E402
+import nbtrt.runtimes.torch_attention as nbtrt_torch  # noqa: E402  (decode_block reads decode_attention at call time)
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))
 
@@ -42,12 +44,12 @@ VARIANTS = {"triton": nbtrt_torch.decode_attention, "grouped": nbtrt_torch.group
 
 
 def one(variant: str, fmt: str) -> dict:
-    from nbtrt.backends import triton_attention
+    from nbtrt.kernels import triton_attention
 
     variant, _, block = variant.partition("-")  # "triton-32": splits of 32 slots
     triton_attention.BLOCK_S = int(block or triton_attention.BLOCK_S)
-    nbtrt_torch.decode_attention = VARIANTS[variant]  # _decode_block reads it at call time
-    eng = nbtrt_torch.TorchEngine.from_decoder(G.llama8b_random(QUICK), max_batch_size=1, max_seq_len=384,
+    nbtrt_torch.decode_attention = VARIANTS[variant]  # decode_block reads it at call time
+    eng = TorchEngine.from_decoder(G.llama8b_random(QUICK), max_batch_size=1, max_seq_len=384,
                                                quant=None if fmt == "bf16" else fmt, compile=True)
     G.decode_step_seconds(eng, 1, 128)
     graph = eng._static[1].graph

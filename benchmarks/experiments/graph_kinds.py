@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static (its decode graph).
 """Experiment (GPU): which kind of captured graph takes an INT4 8B engine's decode graph's
 dependent-launch overlap away (graph_neighbours.py found that capturing a prefill graph does).
 One engine; its decode graph replayed (median of 50, three times) alone, then after each of
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends.torch import Int4GatedInput, TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_linears import Int4GatedInput  # noqa: E402
+
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))
 

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._static, _replay, _prefill_static, _pool.
 """Experiment (GPU): does an INT4 8B engine's decode graph replay slower once other things exist
 in the process? One engine (graphed prefills off while it warms up), its decode graph replayed
 (median of 50, five times) after each step in turn: nothing; a small unrelated graph captured in a
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends.torch import TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))
 VARIANT = sys.argv[2] if len(sys.argv) > 2 else ""  # "uncaptured-first", "own-pool" or "no-pdl"
@@ -29,7 +30,7 @@ VARIANT = sys.argv[2] if len(sys.argv) > 2 else ""  # "uncaptured-first", "own-p
 
 def without_pdl() -> None:
     """Decode kernels launched without programmatic dependent launch (Inductor's and nbtrt's)."""
-    from nbtrt.backends import cuda_int4
+    from nbtrt.kernels import cuda_int4
 
     compile_ = torch.compile
 

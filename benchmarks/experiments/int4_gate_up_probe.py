@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from nbtrt.backends.torch import Int4GatedInput, Int4WeightOnlyLinear
+from nbtrt.runtimes.torch_linears import Int4GatedInput, Int4WeightOnlyLinear
 from nbtrt.model import ACTIVATIONS
-from nbtrt.quantize.formats import quantize_int4
+from nbtrt.layouts import quantize_int4
 
 CALLS = 32
 

@@ -1,13 +1,14 @@
-"""Probe (GPU): the NVRTC INT4 kernel (nbtrt.backends.cuda_int4) against tinygemm on the 8B shapes:
+# Pins private parts of nbtrt (may break when they change): runtimes.torch_linears._pack_for_tinygemm, kernels.cuda_int4._compiled.
+"""Probe (GPU): the NVRTC INT4 kernel (nbtrt.kernels.cuda_int4) against tinygemm on the 8B shapes:
 correctness against the dequantized weight, then kernel time (kernel_ms) per variant.
 
     PYTHONPATH=. python benchmarks/experiments/int4_gemv_probe.py $OUT
 """
 import json, os, sys, time, traceback
 import torch
-from nbtrt.backends import cuda_int4 as ci
-from nbtrt.backends.inductor_timing import kernel_ms
-from nbtrt.backends.torch import _pack_for_tinygemm
+from nbtrt.kernels import cuda_int4 as ci
+from nbtrt.kernels.inductor_timing import kernel_ms
+from nbtrt.runtimes.torch_linears import _pack_for_tinygemm
 
 out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "shapes": {}}
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate": (14336, 4096), "up": (14336, 4096),

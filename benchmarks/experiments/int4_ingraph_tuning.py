@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.cuda_int4._compiled.
 """nbtrt's INT4 kernel on the 8B config's decode shapes as a step runs them: for each shape, 32
 distinct weights (one a layer) multiplied back to back inside one CUDA graph, for every warps-a-block
 and loop-unroll choice; microseconds a call (median of 20 replays), the shipped choice marked.
@@ -11,7 +12,7 @@ import sys
 import torch
 
 from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
-from nbtrt.backends import cuda_int4, nvrtc
+from nbtrt.kernels import cuda_int4, nvrtc
 
 SHAPES = {"qkv": (6144, 4096, 0), "o": (4096, 4096, 0), "gate_up": (28672, 4096, 1), "down": (4096, 14336, 0)}
 LAYERS, GROUP = CALLS, 128  # a graph of CALLS calls takes each layer's weight once

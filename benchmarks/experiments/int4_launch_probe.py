@@ -1,10 +1,11 @@
+# Pins private parts of nbtrt (may break when they change): kernels.cuda_int4._compiled.
 """Probe (GPU): host time per launch of the INT4 kernel, through torch.cuda's kernel wrapper,
 through nvrtc.launch (nbtrt's launcher), and as the custom op; printed.
 
     PYTHONPATH=. python benchmarks/experiments/int4_launch_probe.py
 """
 import time, torch
-from nbtrt.backends import cuda_int4 as ci, nvrtc
+from nbtrt.kernels import cuda_int4 as ci, nvrtc
 u = torch.randint(0, 16, (4096, 4096), device="cuda", dtype=torch.int32); w = ci.pack(u)
 st = torch.full((32, 4096), 0.01, device="cuda", dtype=torch.bfloat16); x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
 k = ci._compiled(ci.warps_for(4096, 4096, 128), 128); y = x.new_empty(1, 4096)

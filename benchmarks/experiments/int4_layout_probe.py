@@ -22,7 +22,7 @@ import sys
 import torch
 
 from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
-from nbtrt.backends import cuda_int4, nvrtc
+from nbtrt.kernels import cuda_int4, nvrtc
 
 SHAPES = {"qkv": (6144, 4096, 0), "o": (4096, 4096, 0), "gate_up": (28672, 4096, 1), "down": (4096, 14336, 0)}
 GROUP = 128

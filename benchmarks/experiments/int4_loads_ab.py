@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.cuda_int4._compiled.
 """nbtrt's INT4 kernel before and after int4_regs_probe's findings (launch bounds of one block an
 SM, evict-first weight loads, no unroll of the group loop) on the 8B decode shapes and the lm_head,
 1 and 8 rows, in CUDA graphs as in int4_layout_probe: microseconds a call, registers, and whether
@@ -15,7 +16,7 @@ from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
 from benchmarks.experiments.int4_layout_probe import GROUP, print_row, random_int4, variant_source, write_json
 from benchmarks.experiments.int4_occupancy import CU_FUNC_ATTRIBUTE_NUM_REGS, attribute
 from benchmarks.experiments.int4_regs_probe import CALLS_OF, SHAPES
-from nbtrt.backends import cuda_int4, nvrtc
+from nbtrt.kernels import cuda_int4, nvrtc
 
 
 def main(out):

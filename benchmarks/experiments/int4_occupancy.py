@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.nvrtc._libcuda.
 """Registers, occupancy and (under Nsight Compute) stall reasons of nbtrt's INT4 kernel against the
 read-only kernel of int4_layout_probe on the 8B gate/up and down shapes: each launched eagerly
 three times on distinct weights.
@@ -11,7 +12,7 @@ import ctypes
 import torch
 
 from benchmarks.experiments.int4_layout_probe import GROUP, SHAPES, variant_source
-from nbtrt.backends import cuda_int4, nvrtc
+from nbtrt.kernels import cuda_int4, nvrtc
 
 CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 4, 3
 

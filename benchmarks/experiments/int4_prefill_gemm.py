@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.triton_int4._kernel; sets runtimes.torch_linears.INT4_TRITON_MAX_ROWS and reads runtimes.torch_engine.ATTENTION_BACKENDS.
 """INT4 linears of many rows (a prefill), GPU: the Triton kernel that reads the packed weight
 (``nbtrt::int4_weight_mm``) against dequantizing it for cuBLAS (``nbtrt::int4_dequantize`` +
 ``F.linear``), on the 8B config's shapes, and the 8B INT4 engine's 128-token prefill either way.
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from benchmarks.experiments.prefill_host import host_and_gpu_ms
 from benchmarks.gpu import DEV, llama8b_random, profile_kernels, rel_l2, sync
-from nbtrt.backends import cuda_int4, triton_int4
-from nbtrt.backends import torch as torch_backend
+from nbtrt.kernels import cuda_int4, triton_int4
+from nbtrt.runtimes import torch_engine as torch_backend, torch_linears
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -76,7 +77,7 @@ def kernels(R):
 
 def int4_8b_engine(prompt: int, compile: bool):
     """The 8B config's INT4 engine over random weights (not warmed up), and a random prompt."""
-    from nbtrt.backends.torch import TorchEngine
+    from nbtrt.runtimes.torch_engine import TorchEngine
 
     model = llama8b_random(quick=False)
     eng = TorchEngine.from_decoder(model, max_batch_size=1, max_seq_len=prompt + 256, compile=compile,
@@ -88,7 +89,7 @@ def engine(R, prompt=128, calls=7):
     eng, ids = int4_8b_engine(prompt, compile=True)
     logits = {}
     for label, max_rows in (("dequant_cublas", 0), ("triton", 128)):
-        torch_backend.INT4_TRITON_MAX_ROWS = max_rows
+        torch_linears.INT4_TRITON_MAX_ROWS = max_rows
         with torch.inference_mode():
             logits[label] = eng.model(ids).float()[:, -1]  # eager: the same modules, uncompiled
 
@@ -121,7 +122,7 @@ def noise(R, prompt=128):
     eng, ids = int4_8b_engine(prompt, compile=False)
     logits = {}
     for path, max_rows in (("dequant_cublas", 0), ("triton", 128)):
-        torch_backend.INT4_TRITON_MAX_ROWS = max_rows
+        torch_linears.INT4_TRITON_MAX_ROWS = max_rows
         for attention, backends in (("default", torch_backend.ATTENTION_BACKENDS), ("math", [SDPBackend.MATH])):
             with torch.inference_mode(), sdpa_kernel(backends):
                 logits[f"{path}/{attention}"] = eng.model(ids).float()[:, -1]

@@ -18,7 +18,7 @@ from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
 from benchmarks.experiments.int4_layout_probe import GROUP, SHAPES, print_row, random_int4, variant_source, write_json
 from benchmarks.experiments.int4_occupancy import (CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS,
                                                    attribute, blocks_per_sm)
-from nbtrt.backends import nvrtc
+from nbtrt.kernels import nvrtc
 
 SHAPES = {**SHAPES, "lm_head": (128256, 4096, 0)}
 CALLS_OF = {"lm_head": 4}  # 4 distinct lm_head weights (1 GB) already leave the L2 behind

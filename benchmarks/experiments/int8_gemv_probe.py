@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): kernels.cuda_int8._compiled.
 """nbtrt's INT8 kernel against Inductor's fused one-row GEMV (what INT8 decode ran before it) on
 the 8B decode shapes and the lm_head, in CUDA graphs as in int4_layout_probe (rotating over
 distinct weights so the L2 holds none): microseconds a call and GB/s for 1 row, the kernel's warps
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from benchmarks.experiments.int4_gate_up_probe import CALLS, graph_us
 from benchmarks.experiments.int4_layout_probe import print_row, write_json
 from benchmarks.experiments.int4_regs_probe import CALLS_OF, SHAPES
-from nbtrt.backends import cuda_int8, nvrtc
+from nbtrt.kernels import cuda_int8, nvrtc
 from nbtrt.model import ACTIVATIONS
 
 

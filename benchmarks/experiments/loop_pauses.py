@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): TorchEngine._decode, _static, _pool; generate._copy_to_host.
 """Experiment (GPU): why an 8B engine decoded slower after other engines in the same process. The
 8B config (batch 1, 128-token prompt, 256 new tokens, as gpu.py); engines are built in the order
 given, each measured through ``generate_tokens`` three times with Python's cycle collector as it
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends.torch import TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 from nbtrt.generate import SamplingParams, generate_tokens  # noqa: E402
 
 QUICK = bool(os.environ.get("QUICK"))  # a shrunk config and short loop, to try the script on a CPU

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu as G  # noqa: E402
 
-from nbtrt.backends.torch import TorchEngine  # noqa: E402
+from nbtrt.runtimes.torch_engine import TorchEngine  # noqa: E402
 
 
 def one(fmt: str, mode: str) -> dict:

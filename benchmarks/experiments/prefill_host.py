@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): runtimes.torch_engine._LIMIT_KEY; TorchEngine._prefill_fns, _kv.
 """Where the 8B config's 128-token prefill (the first token's time) goes, GPU (bf16, INT8, INT4
 weight-only engines over the same random weights): its host-clock time, the GPU's time from the
 first kernel to the last (CUDA events) and the kernels' own time (profiler), and the host time of
@@ -14,7 +15,7 @@ import time
 import torch
 
 from benchmarks.gpu import DEV, free, llama8b_random, profile_kernels, shared_copy, sync
-from nbtrt.backends.torch import _LIMIT_KEY, DYNAMO_RECOMPILE_LIMIT, TorchEngine
+from nbtrt.runtimes.torch_engine import _LIMIT_KEY, DYNAMO_RECOMPILE_LIMIT, TorchEngine
 
 PROMPT, CALLS = 128, 7
 VARIANTS = [(None, {}), (None, {"cpp_wrapper": True}), ("int4_wo", {}), ("int4_wo", {"cpp_wrapper": True}),

@@ -1,3 +1,4 @@
+# Pins private parts of nbtrt (may break when they change): sets runtimes.torch_engine.ATTENTION_BACKENDS.
 """Does a prompt of a length the engine has not seen cost more than one it has? (GPU) A chat sends
 a new length every turn. The qwen2.5-0.5b config (random weights, bf16), compiled engine after
 warm-up: host-clock milliseconds of each prefill for a sequence of prompt lengths, new and
@@ -13,9 +14,9 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
-import nbtrt.backends.torch as torch_backend
+import nbtrt.runtimes.torch_engine as torch_backend
 from benchmarks.gpu import DEV, free, hf_on_device, nbtrt_from_hf, real_config, sync
-from nbtrt.backends.torch import TorchEngine
+from nbtrt.runtimes.torch_engine import TorchEngine
 
 LENGTHS = [100, 101, 102, 100, 101, 150, 151, 300, 300, 301]
 

@@ -269,8 +269,8 @@ QUANT_PRECISION = (("int4", "int4"), ("int8", "int8"), ("fp8", "int8"))
 
 def _precision(dtype: torch.dtype | None, cfg: DecoderConfig) -> str:
     """The coarsest numeric format in use: a quantization format wins over the float dtype."""
-    q = cfg.quantization or {}
-    formats = [str(q.get("format") or ""), str(q.get("kv_cache") or "")]
+    q = cfg.quantization
+    formats = [str(q.format or ""), str(q.kv_cache or "")]
     for prefix, row in QUANT_PRECISION:
         if any(f.startswith(prefix) for f in formats):
             return row

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .capture import KIND_LABELS, Probe, Source, SourceLike, TokenIds, as_source, probes
+from .figures import error_vs_layer, heatmap, histogram, topk_table
 
 
 @dataclass
@@ -147,23 +148,15 @@ class Report:
 
     def figure(self, kind: str | None = None, **kw):
         """Error vs layer (log axis), the threshold, and the first divergence marked."""
-        from .figures import error_vs_layer
-
         return error_vs_layer(self, kind=kind, **kw)
 
     def heatmap(self, kind: str = "block", metric: str = "rel_l2", batch: int = 0):
-        from .figures import heatmap
-
         return heatmap(self, kind=kind, metric=metric, batch=batch)
 
     def histogram(self, name: str):
-        from .figures import histogram
-
         return histogram(self, name)
 
     def topk_table(self, position: int = -1, batch: int = 0):
-        from .figures import topk_table
-
         return topk_table(self, position=position, batch=batch)
 
     def _repr_html_(self) -> str:

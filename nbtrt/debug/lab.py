@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DecoderConfig
+from .._io import atomic_dir
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import DecoderConfig, load_checkpoint_config
 from ..mapping import architecture_for
 from ..model import Decoder, decoder_from_tensors
 from ..plots import Table
-from .capture import SourceLike
+from .capture import ReplaySource, SourceLike, as_source
+from .compare import compare
 
 if TYPE_CHECKING:
     from .compare import Report
@@ -154,8 +157,6 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
 
 # ------------------------------------------------------------------------------ API
 def _cfg_tensors(model) -> tuple[DecoderConfig, Tensors]:
-    from ..checkpoint import load_checkpoint
-
     if isinstance(model, Decoder):
         t = dict(model.state_dict())
         if model.cfg.tie_embeddings:
@@ -180,8 +181,6 @@ def _config_of(model) -> DecoderConfig:
     if isinstance(model, DecoderConfig):
         return model
     if isinstance(model, (str, Path)):
-        from ..config import load_checkpoint_config
-
         return load_checkpoint_config(model)[0]
     return _cfg_tensors(model)[0]
 
@@ -216,9 +215,6 @@ def save(ckpt: str | Path, bug: str | Bug, out: str | Path, *, overwrite: bool =
 
     >>> bad = lab.save("work/ckpt", "gate_up_swapped", "work/ckpt-bad")  # doctest: +SKIP
     """
-    from .._io import atomic_dir
-    from ..checkpoint import save_checkpoint
-
     bug = _bug(bug)
     if bug.edit is None:
         raise ValueError(f"bug {bug.name!r} is in the runtime, not in the checkpoint; use lab.inject() "
@@ -236,8 +232,6 @@ def save(ckpt: str | Path, bug: str | Bug, out: str | Path, *, overwrite: bool =
 def run(reference: SourceLike, model: str | Path | Decoder, bug: str | Bug, text: str | None = None,
         **compare_kw) -> Report:
     """Compare ``reference`` (HF) with ``model`` carrying ``bug``: a :class:`Report` labelled by the bug."""
-    from .compare import compare
-
     bug = _bug(bug)
     return compare(reference, inject(model, bug), text, label=bug.name, **compare_kw)
 
@@ -247,9 +241,6 @@ def check(reference: SourceLike, model: str | Path | Decoder, text: str | None =
 
     >>> lab.check(hf_model, "work/ckpt", input_ids=[[1, 2, 3, 4]])  # doctest: +SKIP
     """
-    from .capture import ReplaySource, as_source
-    from .compare import compare
-
     reference = ReplaySource(as_source(reference))  # one reference run serves every bug
     cfg, tensors = _cfg_tensors(model)
     clean = compare(reference, decoder_from_tensors(cfg, tensors), text, label="no bug", **compare_kw)

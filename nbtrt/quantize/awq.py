@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import fake_quant_int4
+from ..layouts import fake_quant_int4
 
 DEFAULT_GRID = 10  # alpha step 0.1, as ModelOpt's awq_lite (llm-awq searches 20 points)
 

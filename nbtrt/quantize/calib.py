@@ -35,7 +35,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .formats import QuantizationError, linear_names
+from ..checkpoint import checkpoint_hash, load_checkpoint
+from ..layouts import QuantizationError, linear_names
+from ..model import decoder_from_tensors
 
 DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN = 512, 512  # TensorRT-LLM / ModelOpt calib_size, calib_max_seq_length
 DEFAULT_SAMPLE_TOKENS = 512  # activation rows kept per linear input for AWQ's search
@@ -278,13 +280,10 @@ def calibrate(ckpt: str | Path, source: str | list[str] = "kjv", *, num_samples:
     >>> cal = calibrate("work/ckpt", "kjv", num_samples=64, seq_len=512)   # doctest: +SKIP
     >>> nbtrt.quantize("work/ckpt", "work/q", "int4_awq", calib=cal)      # doctest: +SKIP
     """
-    from ..checkpoint import checkpoint_hash, load_checkpoint
-    from ..model import decoder_from_tensors
-
     if model is None:
         cfg, tensors = load_checkpoint(ckpt)
         if cfg.quantization:
-            raise QuantizationError(f"{ckpt} is already quantized ({cfg.quantization.get('format')}); "
+            raise QuantizationError(f"{ckpt} is already quantized ({cfg.quantization.format}); "
                                     "calibrate the unquantized checkpoint")
         model = decoder_from_tensors(cfg, tensors, dtype="float32")
     src = get_source(source)

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..config import QuantConfig
 from ..plots import COLORS
 from .calib import Calibration
-from .formats import QuantizationError, dequantize_weight
+from ..layouts import QuantizationError, dequantize_weight
 
 BINS = 100
 
@@ -48,10 +49,10 @@ def _hist(t: torch.Tensor, bins: int = BINS) -> tuple[list[float], list[float]]:
     return [lo + (i + 0.5) * width for i in range(bins)], counts.tolist()
 
 
-def effective_weight(tensors: dict[str, torch.Tensor], cfg_q: dict, name: str) -> torch.Tensor:
+def effective_weight(tensors: dict[str, torch.Tensor], cfg_q: QuantConfig, name: str) -> torch.Tensor:
     """What a quantized linear multiplies its (unscaled) input by, in fp32."""
     t = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
-    w = dequantize_weight(t, cfg_q["format"], cfg_q.get("group_size") or 0)
+    w = dequantize_weight(t, cfg_q.format, cfg_q.group_size or 0)
     return w * t["pre_quant_scale"][None, :] if "pre_quant_scale" in t else w
 
 
@@ -63,14 +64,14 @@ def weight_histogram(reference: str | Path, quantized: str | Path, name: str):
     _, ref = load_checkpoint(reference)
     cfg, q = load_checkpoint(quantized)
     block = cfg.quantization
-    if name not in block.get("layers", []):
-        raise QuantizationError(f"{name} is not quantized in {quantized}; quantized linears: {block.get('layers', [])[:4]} ...")
-    if block["format"] == "int8_sq":
+    if name not in block.layers:
+        raise QuantizationError(f"{name} is not quantized in {quantized}; quantized linears: {block.layers[:4]} ...")
+    if block.format == "int8_sq":
         raise QuantizationError("int8_sq stores smoothed weights (W * s, with 1/s folded into the norm): they are not "
                                 "comparable with the original weights one by one; pick another format")
     w = ref[f"{name}.weight"].float()
     err = effective_weight(q, block, name) - w
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"weights of {name}", f"error ({block['format']})"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"weights of {name}", f"error ({block.format})"))
     for col, (t, color) in enumerate(((w, COLORS[0]), (err, COLORS[1])), start=1):
         x, y = _hist(t)
         fig.add_trace(go.Bar(x=x, y=y, marker_color=color, showlegend=False,

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import debug
 from .._io import write_json
 from ..checkpoint import WEIGHTS
 from ..config import load_checkpoint_config
 from ..model import load_decoder
+from ..plots import Table, error_lines
 from .calib import tokenizer_for, windows
 
 DEFAULT_EVAL_TOKENS = 4096  # 8 windows of 512 held-out tokens
@@ -40,8 +42,8 @@ def label_of(ckpt: str | Path) -> str:
     q = cfg.quantization
     if not q:
         return cfg.dtype
-    kv = f"+kv_{q['kv_cache']}" if q.get("kv_cache") else ""
-    return f"{q.get('format') or cfg.dtype}{kv}"
+    kv = f"+kv_{q.kv_cache}" if q.kv_cache else ""
+    return f"{q.format or cfg.dtype}{kv}"
 
 
 def size_mb(ckpt: str | Path) -> float:
@@ -90,8 +92,6 @@ class QuantReport:
     evaluation: dict = field(default_factory=dict)
 
     def table(self):
-        from ..plots import Table
-
         return Table(self.rows, title=f"held-out {self.evaluation.get('source')}: "
                                       f"{self.evaluation.get('tokens')} tokens")
 
@@ -112,8 +112,6 @@ class QuantReport:
 
     def layer_figure(self):
         """Relative L2 error of the residual stream after each block, one line per format."""
-        from ..plots import error_lines
-
         return error_lines({n: (list(range(len(e))), e) for n, e in self.layer_error.items()},
                            y_title="relative L2 error of the residual stream", title="Error vs layer, per format")
 
@@ -126,8 +124,6 @@ class QuantReport:
 
 
 def _layer_errors(ref_model, model, ids: torch.Tensor) -> list[float]:
-    from .. import debug
-
     r = debug.compare(ref_model, model, input_ids=ids, kinds=["block"], threshold=1.0)
     return [t.error("rel_l2") for t in r.of_kind("block")]
 

@@ -15,7 +15,7 @@ import ipywidgets as w
 
 from ..quantize import DEFAULT_ALPHA, DEFAULT_GROUP_SIZE, FORMATS, KV_FORMATS
 from ..quantize.calib import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, SOURCES
-from ..quantize.formats import ACTIVATION_SCHEMES
+from ..layouts import ACTIVATION_SCHEMES
 
 NONE = "none (KV cache only)"
 GROUP_SIZES = (32, 64, 128, 256)

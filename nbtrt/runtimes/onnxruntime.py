@@ -20,7 +20,8 @@ import torch
 from ..config import check_dtype
 from ..engine import Engine, register_backend
 from ..export import MODEL_FILE, export_onnx, input_names, module_outputs, output_names, with_outputs
-from ..generate import GenerationError
+from ..errors import GenerationError
+from ..layouts import FORMATS
 from ..model import positions_from_mask
 
 BUILD_OPTIONS = {"dtype": None}  # export precision; None keeps the checkpoint's
@@ -116,11 +117,9 @@ class OnnxRuntimeEngine(Engine):
         with fp32 compute measured 334 ms per token on smollm2-135m (1 thread), the unfused
         DequantizeLinear -> MatMul 68 ms. INT4 keeps the fusion: its 4-bit kernel is the fast one.
         """
-        from ..quantize.formats import FORMATS
-
         q = self.config.quantization
-        weights = FORMATS[q["format"]].weight if q.get("format") else None
-        return "fp8" in (weights, q.get("kv_cache")) or (weights == "int8" and accuracy_level == 1)
+        weights = FORMATS[q.format].weight if q.format else None
+        return "fp8" in (weights, q.kv_cache) or (weights == "int8" and accuracy_level == 1)
 
     def _session(self, path: Path, graph: bytes | None = None):
         """A session for ``path``, or for ``graph`` (a serialized variant of it) whose external

@@ -1,4 +1,6 @@
-"""The quantized tensor layout of nbtrt checkpoints (``layout_version`` 1) and the reference modules that run it.
+"""The tensor layout of nbtrt checkpoints: the float decoder's tensors (:func:`expected_shapes`, read off
+the config) and each quantized format's (``layout_version`` 1), with the reference modules that run
+them. quantize writes this layout; checkpoint, export and every runtime read it from here.
 
 A quantized checkpoint is an ordinary nbtrt checkpoint (config.json + rank0.safetensors)
 whose ``decoder.quantization`` block is not empty. Every tensor not named below keeps its
@@ -67,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DecoderConfig
+from .config import DecoderConfig
 
 LAYOUT_VERSION = 1
 INT8_MAX, INT4_MAX, FP8_MAX = 127.0, 7.0, 448.0  # symmetric ranges; 448 = largest float8_e4m3fn
@@ -97,6 +99,46 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 )}
 KV_FORMATS = {"int8": INT8_MAX, "fp8": FP8_MAX}
 ACTIVATION_SCHEMES = ("per_token", "per_tensor")
+
+
+# ------------------------------------------------------------------------------ float tensors
+def _norm_shapes(cfg: DecoderConfig, name: str, dim: int) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.weight": (dim,), **({f"{name}.bias": (dim,)} if cfg.norm == "layer" else {})}
+
+
+def _linear_shapes(name: str, out: int, n: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.weight": (out, n), **({f"{name}.bias": (out,)} if bias else {})}
+
+
+def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of an unquantized checkpoint, in :class:`nbtrt.model.Decoder`'s state_dict
+    order and names (tests/test_quantize.py checks the two agree), computed from the config alone.
+
+    >>> cfg = DecoderConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32,
+    ...                     intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, rope_theta=1e4)
+    >>> expected_shapes(cfg)["layers.0.attn.qkv.weight"]
+    (64, 32)
+    """
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"embed.tok.weight": (cfg.vocab_size, H)}
+    if cfg.position == "learned":
+        shapes["embed.pos.weight"] = (cfg.max_position_embeddings, H)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}"
+        shapes.update(_norm_shapes(cfg, f"{p}.attn_norm", H))
+        shapes.update(_linear_shapes(f"{p}.attn.qkv", cfg.qkv_size, H, cfg.qkv_bias))
+        shapes.update(_linear_shapes(f"{p}.attn.o", H, cfg.q_size, cfg.o_bias))
+        if cfg.qk_norm:
+            shapes.update({f"{p}.attn.q_norm.weight": (cfg.head_dim,), f"{p}.attn.k_norm.weight": (cfg.head_dim,)})
+        shapes.update(_norm_shapes(cfg, f"{p}.mlp_norm", H))
+        if cfg.gated_mlp:
+            shapes.update(_linear_shapes(f"{p}.mlp.gate", I, H, cfg.mlp_bias))
+        shapes.update(_linear_shapes(f"{p}.mlp.up", I, H, cfg.mlp_bias))
+        shapes.update(_linear_shapes(f"{p}.mlp.down", H, I, cfg.mlp_bias))
+    shapes.update(_norm_shapes(cfg, "final_norm", H))
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, H)
+    return shapes
 
 
 # ------------------------------------------------------------------------------ primitives
@@ -282,43 +324,41 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def prepare_model(model: nn.Module, cfg: DecoderConfig) -> nn.Module:
-    """Swap ``nn.Linear`` children named in ``cfg.quantization["layers"]`` for empty :class:`QuantLinear`
+    """Swap ``nn.Linear`` children named in ``cfg.quantization.layers`` for empty :class:`QuantLinear`
     (and the KV hook points for :class:`KVQuant`), on the model's device, ready for ``load_state_dict``.
 
     >>> with torch.device("meta"): model = Decoder(cfg)        # doctest: +SKIP
     >>> prepare_model(model, cfg); model.load_state_dict(tensors, assign=True)  # doctest: +SKIP
     """
     q = cfg.quantization
-    if q.get("layout_version") != LAYOUT_VERSION:
-        raise QuantizationError(f"checkpoint quantization layout_version {q.get('layout_version')!r} is not "
+    if q.layout_version != LAYOUT_VERSION:
+        raise QuantizationError(f"checkpoint quantization layout_version {q.layout_version!r} is not "
                                 f"{LAYOUT_VERSION}; re-quantize it with this nbtrt")
-    for name in q.get("layers", []):
+    for name in q.layers:
         old = model.get_submodule(name)
-        model.set_submodule(name, QuantLinear(old.in_features, old.out_features, old.bias is not None, q["format"],
-                                             q.get("group_size") or 0, q.get("activation_scheme") or "per_token",
+        model.set_submodule(name, QuantLinear(old.in_features, old.out_features, old.bias is not None, q.format,
+                                             q.group_size or 0, q.activation_scheme or "per_token",
                                              device=old.weight.device))
-    if q.get("kv_cache"):
+    if q.kv_cache:
         for layer in model.layers:
             device = layer.attn_norm.weight.device
-            layer.attn.k_quant = KVQuant(q["kv_cache"], device=device)
-            layer.attn.v_quant = KVQuant(q["kv_cache"], device=device)
+            layer.attn.k_quant = KVQuant(q.kv_cache, device=device)
+            layer.attn.v_quant = KVQuant(q.kv_cache, device=device)
     return model
 
 
 def expected_tensors(cfg: DecoderConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """Name -> (shape, dtype or None for "the checkpoint's float dtype") of every tensor a quantized
     checkpoint must hold: the layout above, read off the config."""
-    from ..checkpoint import expected_shapes
-
     q = cfg.quantization
     spec: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {n: (s, None) for n, s in expected_shapes(cfg).items()}
-    for name in q.get("layers", []):
+    for name in q.layers:
         out, n = spec.pop(f"{name}.weight")[0]
-        for suffix, s in weight_specs(q["format"], out, n, q.get("group_size") or 0).items():
+        for suffix, s in weight_specs(q.format, out, n, q.group_size or 0).items():
             spec[f"{name}.{suffix}"] = s
-        if FORMATS[q["format"]].activation == "fp8" or q.get("activation_scheme") == "per_tensor":
+        if FORMATS[q.format].activation == "fp8" or q.activation_scheme == "per_tensor":
             spec[f"{name}.input_scale"] = ((), torch.float32)
-    if q.get("kv_cache"):
+    if q.kv_cache:
         for i in range(cfg.num_layers):
             for kv in "kv":
                 spec[f"layers.{i}.attn.{kv}_quant.scale"] = ((), torch.float32)
@@ -328,8 +368,8 @@ def expected_tensors(cfg: DecoderConfig) -> dict[str, tuple[tuple[int, ...], tor
 def check_quantized_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every tensor the quantization block implies is present with its shape and dtype, nothing else."""
     q = cfg.quantization
-    if q.get("format") is not None and q.get("format") not in FORMATS:
-        raise QuantizationError(f"{where}: unknown quantization format {q.get('format')!r} ({sorted(FORMATS)})")
+    if q.format is not None and q.format not in FORMATS:
+        raise QuantizationError(f"{where}: unknown quantization format {q.format!r} ({sorted(FORMATS)})")
     spec = expected_tensors(cfg)
     missing, extra = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
     if missing or extra:

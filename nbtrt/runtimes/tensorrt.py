@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from .._io import write_atomic
-from ..engine import Engine, register_backend
+from ..engine import Engine, EngineLimits, register_backend
 from ..export import MODEL_FILE, input_names, module_outputs, output_names
-from ..generate import GenerationError
+from ..errors import GenerationError
 from ..model import positions_from_mask
+from ..zoo import cache_root
 from .onnxruntime import OnnxRuntimeEngine, check_build_options, export_into
 
 PLAN_FILE = "model.plan"
@@ -233,8 +234,6 @@ def optimization_profiles(cfg, limits) -> list[dict[str, tuple]]:
 def profile_table(cfg, max_batch_size: int, max_input_len: int, max_seq_len: int) -> list[dict]:
     """:func:`optimization_profiles` for these limits as rows (profile, input, min, opt, max), for
     display; layer 0's past_key_values stand for every layer's."""
-    from ..engine import EngineLimits
-
     names = ("context", "generation")
     profiles = optimization_profiles(cfg, EngineLimits(max_batch_size, max_input_len, max_seq_len))
     return [{"profile": names[i], "input": name, "min": lo, "opt": opt, "max": hi}
@@ -305,6 +304,4 @@ def _progress_monitor():
 
 
 def _default_timing_cache() -> Path:
-    from ..zoo import cache_root
-
     return Path(cache_root()) / "tensorrt" / "timing.cache"

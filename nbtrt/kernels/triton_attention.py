@@ -1,7 +1,7 @@
 """Attention of one new token per sequence over a static KV cache (a decode step) on CUDA, in two
 Triton kernels: flash-decoding.
 
-The matmul path (:func:`nbtrt.backends.torch.grouped_decode_attention`) takes three kernels a
+The matmul path (:func:`nbtrt.runtimes.torch_attention.grouped_decode_attention`) takes three kernels a
 layer, two cuBLAS GEMMs and a softmax, each too small to fill the GPU; on the 8B config they were
 0.24 ms of a 2.09 ms INT4 decode step (H100, ``benchmarks/experiments/decode_attention.py``).
 Here the cache is cut into splits of ``keys_per_split`` slots; one program per (sequence, KV
