@@ -10,6 +10,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -119,3 +120,13 @@ def provenance(stage: str, source: str | os.PathLike, options: dict, content_has
         "content_sha256": content_hash,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def eos_list(value) -> list[int]:
+    """An ``eos_token_id`` as HF writes it (one id, a list, or None) -> a list of ids."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [int(v) for v in values if isinstance(v, numbers.Integral) and not isinstance(v, bool)]
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ._io import ArtifactError, atomic_dir, read_json, write_json
+from ._io import ArtifactError, atomic_dir, eos_list, has_tokenizer, read_json, write_json
 from .checkpoint import check_tensors, save_checkpoint
 from .config import DTYPES, DecoderConfig, check_dtype
 from .mapping import QKV_PARTS, Architecture, Row, architecture_for
@@ -177,8 +177,6 @@ def end_token_ids(src: Path) -> list[int]:
     >>> end_token_ids(nbtrt.zoo.get("smollm2-135m-instruct"))  # doctest: +SKIP
     [2, 0]
     """
-    from .engine import eos_list, has_tokenizer
-
     gen = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
     ids = eos_list(gen.get("eos_token_id")) + eos_list(hf_config(src).get("eos_token_id"))
     if has_tokenizer(src):

@@ -19,7 +19,8 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from ._io import ArtifactError, atomic_dir, copy_tokenizer_files, file_sha256, read_json, write_json
+from ._io import (ArtifactError, atomic_dir, copy_tokenizer_files, eos_list, file_sha256, has_tokenizer, read_json,
+                  write_json)
 from .checkpoint import checkpoint_hash
 from .config import DecoderConfig, load_checkpoint_config
 from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_text, generate_text,
@@ -303,16 +304,6 @@ class Engine:
 
 def _read_optional_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def eos_list(value) -> list[int]:
-    """An ``eos_token_id`` as HF writes it (one id, a list, or None) -> a list of ids."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [int(v) for v in values if isinstance(v, numbers.Integral) and not isinstance(v, bool)]
-
-
-def has_tokenizer(directory: Path) -> bool:
-    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
 
 
 def default_backend() -> str:
