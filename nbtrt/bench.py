@@ -354,9 +354,8 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
     (``nbtrt.quantize`` formats, e.g. "int8_wo", "int4_wo"), for the runners in ``quantized_runners``
     (default: every nbtrt runner). Unavailable ones come back skipped, and so do those in ``skip``
     (runner -> the reason it is not run); one whose build or load raises comes back failed."""
-    from transformers import AutoModelForCausalLM
-
     from . import build, convert, load
+    from ._io import load_hf_model
     from .convert import resolve_source
     from .engine import BACKENDS, _ensure_backends
     from .model import TORCH_DTYPES
@@ -388,7 +387,7 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
             runners.append(skipped(name, short, skip[name]))
             continue
         if name.startswith("hf-"):
-            hf = hf or AutoModelForCausalLM.from_pretrained(src, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+            hf = hf or load_hf_model(src, dtype=TORCH_DTYPES[dtype]).to(device).eval()
             runners.append(hf_runner(hf, compile=name == "hf-compile", max_batch_size=max_batch_size,
                                      pad_token_id=_pad_id(hf)))
             continue
