@@ -45,6 +45,8 @@ def check_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], where: s
 def check_finite(tensors: dict[str, torch.Tensor], where: str, error: type[Exception] = ArtifactError) -> None:
     """Refuse NaN / Inf in any floating-point tensor, naming it (an engine built on one answers nothing)."""
     for name, t in tensors.items():
+        if t.is_floating_point() and t.element_size() == 1:
+            t = t.float()  # torch has no isfinite for float8
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise error(f"{where}: tensor {name} holds NaN/Inf values; the weights are broken there "
                                 "(re-convert or re-download the model)")
