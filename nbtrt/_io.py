@@ -51,7 +51,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the artifact is an ordinary directory
     try:
         yield tmp
-        (tmp / TMP_MARKER).unlink()
+        (tmp / TMP_MARKER).unlink(missing_ok=True)
         if out.exists():
             old = _marked_tmp(out.parent, f".{out.name}.old-")
             try:

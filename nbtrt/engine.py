@@ -18,8 +18,8 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from ._io import (TMP_MARKER, ArtifactError, atomic_dir, check_output, copy_tokenizer_files, file_sha256, inside, load_tokenizer,
-                  read_json, refuse_remote_code, write_json)
+from ._io import (TMP_MARKER, ArtifactError, atomic_dir, check_output, copy_tokenizer_files, file_sha256, inside,
+                  load_tokenizer, read_json, refuse_remote_code, write_json)
 from .checkpoint import checkpoint_hash, verify_checkpoint
 from .config import DecoderConfig, load_checkpoint_config
 from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_length, exclusive,
@@ -328,7 +328,10 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 def check_manifest(engine_dir: Path, manifest: dict, verify: bool) -> None:
     """engine.json unedited, and it lists every file in the directory with its size (and hash when ``verify``)."""
-    if manifest.get("manifest_sha256") != manifest_hash(manifest):
+    if "manifest_sha256" not in manifest:
+        raise ArtifactError(f"{engine_dir / ENGINE_JSON} has no manifest_sha256: it was edited after the build, or "
+                            "built by an nbtrt older than this check; rebuild the engine")
+    if manifest["manifest_sha256"] != manifest_hash(manifest):
         raise ArtifactError(f"{engine_dir / ENGINE_JSON} was edited after the build (its content does not match "
                             "its recorded hash; limits and decoder are fixed at build): rebuild the engine")
     files = manifest.get("files")
@@ -340,6 +343,8 @@ def check_manifest(engine_dir: Path, manifest: dict, verify: bool) -> None:
                             "the engine after its build (tampering?); remove them or rebuild the engine")
     for name, info in files.items():
         path = engine_dir / name
+        if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
+            raise ArtifactError(f"{engine_dir / ENGINE_JSON}: the entry for {name} is malformed; rebuild the engine")
         if Path(name).name != name or not path.is_file() or path.is_symlink():
             raise ArtifactError(f"{engine_dir}: {name} listed in {ENGINE_JSON} is missing or not a plain file; "
                                 "rebuild the engine")
