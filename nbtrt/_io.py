@@ -45,24 +45,29 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
     out = check_output(out, inputs, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out.parent)
-    tmp = _marked_tmp(out.parent, f".{out.name}.tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the artifact is an ordinary directory
-    try:
+    tmp = None
+    try:  # from the moment the temporary exists: an interrupt anywhere below still removes it
+        tmp = _marked_tmp(out.parent, f".{out.name}.tmp-")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the artifact is an ordinary directory
         yield tmp
         (tmp / TMP_MARKER).unlink(missing_ok=True)
         if out.exists():
             old = _marked_tmp(out.parent, f".{out.name}.old-")
             try:
                 os.replace(out, old / out.name)
-                os.replace(tmp, out)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old / out.name, out)  # the previous artifact goes back in place
+                    raise
             finally:
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
