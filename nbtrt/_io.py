@@ -112,7 +112,8 @@ def is_nbtrt_output(path: Path) -> bool:
             data = json.loads((path / name).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and key in data and (key != "nbtrt" or "stage" in data["nbtrt"]):
+        if isinstance(data, dict) and key in data and (key != "nbtrt" or isinstance(data["nbtrt"], dict)
+                                                       and "stage" in data["nbtrt"]):
             return True
     return False
 
