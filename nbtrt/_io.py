@@ -28,33 +28,116 @@ class ArtifactError(ValueError):
     """An artifact on disk is missing, malformed, or does not match what it claims."""
 
 
+TMP_MARKER = ".nbtrt-tmp"  # written inside nbtrt's temporary directories: {"pid": ...}
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
+               inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds.
+
+    ``inputs`` are the directories the stage reads: ``out`` may not be, contain or lie
+    inside one of them. An existing ``out`` is replaced only with ``overwrite`` and only
+    when nbtrt wrote it (see :func:`check_output`).
 
     >>> with atomic_dir("work/ckpt", overwrite=True) as tmp:
     ...     (tmp / "config.json").write_text("{}")
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    out = check_output(out, inputs, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the artifact is an ordinary directory
-    try:
+    remove_stale_tmp(out.parent)
+    tmp = None
+    try:  # from the moment the temporary exists: an interrupt anywhere below still removes it
+        tmp = _marked_tmp(out.parent, f".{out.name}.tmp-")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the artifact is an ordinary directory
         yield tmp
+        (tmp / TMP_MARKER).unlink(missing_ok=True)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            old = _marked_tmp(out.parent, f".{out.name}.old-")
+            try:
+                os.replace(out, old / out.name)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old / out.name, out)  # the previous artifact goes back in place
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _marked_tmp(parent: Path, prefix: str) -> Path:
+    """mkdtemp plus a marker naming this process, so a later run can tell ours (and dead) from anyone else's."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (tmp / TMP_MARKER).write_text(json.dumps({"pid": os.getpid()}))
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_tmp(parent: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` directories that a killed nbtrt stage
+    left in ``parent``: only those holding nbtrt's marker whose process is gone. Returns them."""
+    removed = []
+    for d in Path(parent).glob(".*"):
+        if not (".tmp-" in d.name or ".old-" in d.name) or d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            pid = int(json.loads((d / TMP_MARKER).read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours (or unreadable): leave it
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def is_nbtrt_output(path: Path) -> bool:
+    """True for a directory nbtrt wrote: an engine (engine.json) or a checkpoint (config.json with provenance)."""
+    for name, key in (("engine.json", "backend"), ("config.json", "nbtrt")):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and key in data and (key != "nbtrt" or isinstance(data["nbtrt"], dict)
+                                                       and "stage" in data["nbtrt"]):
+            return True
+    return False
+
+
+def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), *,
+                 overwrite: bool = False) -> Path:
+    """``out`` resolved, once it is safe to write: not an input, not inside one, holding none, not the
+    current directory; an existing ``out`` only with ``overwrite`` and only if nbtrt wrote it."""
+    out = Path(out).resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+            raise ArtifactError(f"output {out} overlaps the input {src} (is, contains or lies inside it); "
+                                "write to a separate directory")
+    if Path.cwd().resolve().is_relative_to(out):
+        raise ArtifactError(f"output {out} is (or contains) the current directory; write to a subdirectory")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        if out.is_symlink() or not out.is_dir() or not is_nbtrt_output(out):
+            raise ArtifactError(f"{out} exists and is not an nbtrt checkpoint or engine (no nbtrt config.json "
+                                "or engine.json): refusing to replace it; choose another output or remove it yourself")
+    return out
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -91,14 +174,82 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def inside(path: str | os.PathLike, root: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` resolved (symlinks followed), or an :class:`ArtifactError` if that lies outside ``root``.
+
+    >>> inside("model/model.safetensors", "model")  # doctest: +SKIP
+    """
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(Path(root).resolve()):
+        raise ArtifactError(f"{what} {path} resolves to {resolved}, outside {root}; nbtrt reads only files "
+                            "inside the directory it is given (copy the file in instead of linking it)")
+    return resolved
+
+
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy whichever tokenizer / generation files exist in ``src``; return their names."""
+    """Copy whichever tokenizer / generation files exist in ``src``; return their names.
+    A file that resolves outside ``src`` (a symlink out) is refused, never followed."""
     copied = []
     for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+        path = Path(src) / name
+        if path.is_file():
+            shutil.copyfile(inside(path, src, "tokenizer file"), Path(dst) / name)
             copied.append(name)
     return copied
+
+
+# files through which transformers would import code shipped with a model ("auto_map": {...: "mod.Class"})
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json",
+                       "preprocessor_config.json", "generation_config.json")
+
+
+def refuse_remote_code(d: str | os.PathLike) -> None:
+    """Refuse a directory that asks for downloaded code: an ``auto_map`` in any of its configs, or a ``*.py``.
+
+    >>> refuse_remote_code(nbtrt.zoo.get("smollm2-135m-instruct"))  # doctest: +SKIP
+    """
+    d = Path(d)
+    for name in REMOTE_CODE_CONFIGS:
+        path = d / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # the stage that reads it reports a malformed file
+        if isinstance(data, dict) and "auto_map" in data:
+            raise ArtifactError(f"{path} has 'auto_map': it asks to run code shipped with the model "
+                                "(trust_remote_code); nbtrt never executes downloaded code")
+    code = sorted(p.name for p in d.glob("*.py"))
+    if code:
+        raise ArtifactError(f"{d} holds Python files {code[:3]}: code shipped with a model is never run by "
+                            "nbtrt; remove them (or use a model that does not need them)")
+
+
+def load_tokenizer(d: str | os.PathLike):
+    """The HF tokenizer in directory ``d``, after refusing remote code and files linked from outside ``d``.
+
+    >>> tok = load_tokenizer("work/engine")  # doctest: +SKIP
+    """
+    d = Path(d)
+    refuse_remote_code(d)
+    for name in TOKENIZER_FILES:
+        if (d / name).exists() or (d / name).is_symlink():
+            inside(d / name, d, "tokenizer file")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+
+
+def load_hf_model(d: str | os.PathLike, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(d)`` that never runs downloaded code.
+
+    >>> model = load_hf_model(nbtrt.zoo.get("smollm2-135m-instruct"), dtype=torch.float32)  # doctest: +SKIP
+    """
+    refuse_remote_code(d)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, **kwargs)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -174,11 +174,11 @@ class HFReference:
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ._io import load_hf_model, load_tokenizer
 
         self.model_dir = Path(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, dtype)).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = load_hf_model(self.model_dir, dtype=getattr(torch, dtype)).eval()
+        self.tokenizer = load_tokenizer(self.model_dir)
         path = self.model_dir / "generation_config.json"
         self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
 

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ._io import ArtifactError, copy_tokenizer_files, file_sha256, provenance, write_json
+from ._io import ArtifactError, copy_tokenizer_files, file_sha256, inside, provenance, write_json
 from .config import DecoderConfig, load_checkpoint_config
 from .layouts import check_quantized_tensors, expected_shapes
 
@@ -31,6 +31,16 @@ def check_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], where: s
             )
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: str, error: type[Exception] = ArtifactError) -> None:
+    """Refuse NaN / Inf in any floating-point tensor, naming it (an engine built on one answers nothing)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.element_size() == 1:
+            t = t.float()  # torch has no isfinite for float8
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise error(f"{where}: tensor {name} holds NaN/Inf values; the weights are broken there "
+                                "(re-convert or re-download the model)")
+
+
 def save_checkpoint(out: Path, cfg: DecoderConfig, tensors: dict[str, torch.Tensor], *, stage: str,
                     source: str | Path, options: dict, tokenizer_dir: Path | None,
                     extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -50,11 +60,9 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = False) -> tuple[De
     """
     ckpt_dir = Path(ckpt_dir)
     cfg, meta = load_checkpoint_config(ckpt_dir)
-    path = ckpt_dir / WEIGHTS
-    if not path.is_file():
-        raise ArtifactError(f"{ckpt_dir} has no {WEIGHTS}")
-    if verify_hash and meta.get("content_sha256") and file_sha256(path) != meta["content_sha256"]:
-        raise ArtifactError(f"{path} does not match the hash recorded in config.json; re-run the stage that wrote it")
+    path = _weights(ckpt_dir)
+    if verify_hash:
+        _check_hash(ckpt_dir, meta)
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
@@ -64,6 +72,42 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = False) -> tuple[De
     else:
         check_tensors(cfg, tensors, str(ckpt_dir))
     return cfg, tensors
+
+
+def _weights(ckpt_dir: Path) -> Path:
+    path = ckpt_dir / WEIGHTS
+    if not path.is_file():
+        raise ArtifactError(f"{ckpt_dir} has no {WEIGHTS}")
+    inside(path, ckpt_dir, "weight file")
+    inside(ckpt_dir / "config.json", ckpt_dir, "checkpoint config")
+    return path
+
+
+def _check_hash(ckpt_dir: Path, meta: dict) -> None:
+    recorded = meta.get("content_sha256")
+    if not recorded:
+        raise ArtifactError(f"{ckpt_dir / 'config.json'} records no content hash; re-run the stage that wrote it")
+    if file_sha256(ckpt_dir / WEIGHTS) != recorded:
+        raise ArtifactError(f"{ckpt_dir / WEIGHTS} does not match the hash recorded in config.json (changed after "
+                            "it was written); re-run the stage that wrote it")
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> None:
+    """Before building on it: the weights match the hash recorded at save and hold no NaN/Inf.
+    Reads one tensor at a time, so a large checkpoint is checked without loading it whole.
+
+    >>> verify_checkpoint("work/ckpt")  # doctest: +SKIP
+    """
+    ckpt_dir = Path(ckpt_dir)
+    _, meta = load_checkpoint_config(ckpt_dir)
+    path = _weights(ckpt_dir)
+    _check_hash(ckpt_dir, meta)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                check_finite({name: f.get_tensor(name)}, str(ckpt_dir))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path} is unreadable or truncated ({e}); re-run the stage that wrote it") from None
 
 
 def checkpoint_hash(ckpt_dir: str | Path) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # modules that define add_cli(subparsers); each adds verbs whose handler is set with set_defaults(run=...)
@@ -25,13 +26,37 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run one verb; every failure is one line on stderr (a traceback only with NBTRT_DEBUG=1).
+
+    Exit status: 0 done, 1 a file system error (read-only, full disk, missing path), 2 bad input
+    or a refused artifact, 130 interrupted (Ctrl-C).
+    """
+    verb = "nbtrt"
     try:
+        args = parser().parse_args(argv)
+        verb = f"nbtrt {args.verb}"
         args.run(args)
-    except (ValueError, FileExistsError, RuntimeError, KeyError) as e:
-        print(f"nbtrt {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if os.environ.get("NBTRT_DEBUG") == "1":
+            raise
+        print(f"{verb}: interrupted; nothing half-written was left in place", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, RuntimeError, KeyError, OSError) as e:
+        if os.environ.get("NBTRT_DEBUG") == "1":
+            raise
+        print(f"{verb}: error: {_one_line(e)}", file=sys.stderr)
+        return 1 if isinstance(e, OSError) and not isinstance(e, FileExistsError) else 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The message, with the path an OSError names (``[Errno 30] Read-only file system: 'work/x'``)."""
+    if isinstance(e, OSError) and e.strerror:
+        paths = " -> ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        text = f"{e.strerror}: {paths}" if paths else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """HF directory -> nbtrt checkpoint, driven by the mapping tables in :mod:`nbtrt.mapping`."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -9,8 +8,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ._io import ArtifactError, atomic_dir, eos_list, has_tokenizer, read_json, write_json
-from .checkpoint import check_tensors, save_checkpoint
+from ._io import (ArtifactError, atomic_dir, check_output, eos_list, has_tokenizer, inside, load_tokenizer, read_json,
+                  refuse_remote_code, write_json)
+from .checkpoint import check_finite, check_tensors, save_checkpoint
 from .config import DTYPES, DecoderConfig, check_dtype
 from .mapping import QKV_PARTS, Architecture, Row, architecture_for
 from .model import TORCH_DTYPES
@@ -23,10 +23,13 @@ def hf_config(src: Path) -> dict:
 
 
 def resolve_source(src: str | Path) -> Path:
-    """A zoo name or a local HF directory -> the directory."""
+    """A zoo name or a local HF directory -> the directory (resolved), refused if it asks for remote code."""
     from . import zoo
 
-    return Path(zoo.resolve(src))
+    path = Path(zoo.resolve(src)).resolve()
+    if path.is_dir():
+        refuse_remote_code(path)
+    return path
 
 
 def decoder_config(src: str | Path, dtype: str = "float32") -> tuple[Architecture, DecoderConfig]:
@@ -60,8 +63,10 @@ def _describe(transform: str) -> str:
 def _weight_files(src: Path) -> list[Path]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [src / n for n in names]
+        weight_map = read_json(inside(index, src, "weight index")).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise ArtifactError(f"{index} has no valid 'weight_map' (tensor name -> shard file)")
+        files = [src / n for n in sorted(set(weight_map.values()))]
     elif (src / "model.safetensors").is_file():
         files = [src / "model.safetensors"]
     else:
@@ -70,9 +75,10 @@ def _weight_files(src: Path) -> list[Path]:
             n.endswith(".bin") for n in found) else ""
         raise ArtifactError(f"{src} has no model.safetensors or model.safetensors.index.json{hint}")
     for f in files:
+        inside(f, src, "weight file")  # a symlink out, or a "../x" shard name in the index
         if not f.is_file():
             raise ArtifactError(f"{src}: weight shard {f.name} listed in the index is missing")
-    return files
+    return [f.resolve() for f in files]
 
 
 def _hf_tensor_meta(src: Path) -> tuple[dict, dict]:
@@ -150,9 +156,8 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", overwri
     """
     check_dtype(dtype)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     src = resolve_source(src)
+    check_output(out, (src,), overwrite=overwrite)
     arch, cfg = decoder_config(src, dtype)
     rows = arch.expand(cfg)
     shapes, _ = _hf_tensor_meta(src)
@@ -160,9 +165,12 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", overwri
     if unused:
         raise ArtifactError(f"{src}: tensors {unused[:5]} have no place in the {arch.name} mapping; "
                             "the config and the weights disagree (e.g. tie_word_embeddings or a bias flag)")
-    tensors = convert_tensors(arch, cfg, _load_hf_tensors(src, {r.hf for r in rows}))
+    hf_tensors = _load_hf_tensors(src, {r.hf for r in rows})
+    check_finite(hf_tensors, str(src))
+    tensors = convert_tensors(arch, cfg, hf_tensors)
     check_tensors(cfg, tensors, f"{src} converted")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    check_finite(tensors, f"{src} converted")
+    with atomic_dir(out, overwrite=overwrite, inputs=(src,)) as tmp:
         save_checkpoint(tmp, cfg, tensors, stage="convert", source=src, options={"dtype": dtype},
                         tokenizer_dir=src)
         write_end_tokens(src, tmp)
@@ -180,10 +188,10 @@ def end_token_ids(src: Path) -> list[int]:
     gen = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
     ids = eos_list(gen.get("eos_token_id")) + eos_list(hf_config(src).get("eos_token_id"))
     if has_tokenizer(src):
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+            tokenizer = load_tokenizer(src)
+        except ArtifactError:
+            raise
         except (OSError, ValueError, TypeError) as e:
             raise ArtifactError(f"{src}: the tokenizer files do not load ({e})") from None
         ids += eos_list(tokenizer.eos_token_id)

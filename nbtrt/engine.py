@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import json
 import numbers
 import os
@@ -19,9 +20,9 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from ._io import (ArtifactError, atomic_dir, copy_tokenizer_files, eos_list, file_sha256, has_tokenizer, read_json,
-                  write_json)
-from .checkpoint import checkpoint_hash
+from ._io import (TMP_MARKER, ArtifactError, atomic_dir, check_output, copy_tokenizer_files, eos_list, file_sha256,
+                  has_tokenizer, inside, load_tokenizer, read_json, refuse_remote_code, write_json)
+from .checkpoint import checkpoint_hash, verify_checkpoint
 from .config import DecoderConfig, load_checkpoint_config
 from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_text, generate_text,
                        generate_tokens)
@@ -179,9 +180,7 @@ class Engine:
         if self._tokenizer is None:
             if not (self.engine_dir / "tokenizer_config.json").is_file() and not (self.engine_dir / "tokenizer.json").is_file():
                 raise GenerationError(f"engine {self.engine_dir} has no tokenizer files; pass input_ids instead of text")
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.engine_dir)
+            self._tokenizer = load_tokenizer(self.engine_dir)
         return self._tokenizer
 
     @property
@@ -329,21 +328,26 @@ def build(ckpt: str | Path, out: str | Path, *, backend: str | None = None, max_
         raise RuntimeError(f"backend {backend!r} cannot build here: {reason}")
     ckpt = Path(ckpt)
     cfg, _ = load_checkpoint_config(ckpt)
+    refuse_remote_code(ckpt)
     limits = EngineLimits(max_batch_size, max_input_len, max_seq_len)
     if cfg.position == "learned" and max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions")
     check_kv_cache_fits(ckpt, cfg, limits, backend, options.get("dtype"))
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    check_output(out, (ckpt,), overwrite=overwrite)  # refuse before the (long) hash and build
+    verify_checkpoint(ckpt)
+    with atomic_dir(out, overwrite=overwrite, inputs=(ckpt,)) as tmp:
         copy_tokenizer_files(ckpt, tmp)
         recorded = BACKENDS[backend]._build_files(ckpt, tmp, cfg, limits, options)
+        extra = sorted(p.name for p in tmp.iterdir() if not p.is_file() and p.name != TMP_MARKER)
+        if extra:
+            raise ArtifactError(f"backend {backend!r} wrote {extra}, which are not plain files; "
+                                "an engine directory holds plain files only")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
+                 for p in sorted(tmp.iterdir()) if p.name != TMP_MARKER}
         from ._version import __version__
 
-        write_json(tmp / ENGINE_JSON, {
+        write_manifest(tmp / ENGINE_JSON, {
             "backend": backend,
             "decoder": cfg.to_dict(),
             "limits": asdict(limits),
@@ -356,8 +360,48 @@ def build(ckpt: str | Path, out: str | Path, *, backend: str | None = None, max_
     return out
 
 
+def manifest_hash(manifest: dict) -> str:
+    """sha256 over the manifest's own content (all but this hash): catches an edited engine.json."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    write_json(path, {**manifest, "manifest_sha256": manifest_hash(manifest)})
+
+
+def check_manifest(engine_dir: Path, manifest: dict, verify: bool) -> None:
+    """engine.json unedited, and it lists every file in the directory with its size (and hash when ``verify``)."""
+    if "manifest_sha256" not in manifest:
+        raise ArtifactError(f"{engine_dir / ENGINE_JSON} has no manifest_sha256: it was edited after the build, or "
+                            "built by an nbtrt older than this check; rebuild the engine")
+    if manifest["manifest_sha256"] != manifest_hash(manifest):
+        raise ArtifactError(f"{engine_dir / ENGINE_JSON} was edited after the build (its content does not match "
+                            "its recorded hash; limits and decoder are fixed at build): rebuild the engine")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{engine_dir / ENGINE_JSON} lists no files; rebuild the engine")
+    unlisted = sorted(p.name for p in engine_dir.iterdir() if p.name != ENGINE_JSON and p.name not in files)
+    if unlisted:
+        raise ArtifactError(f"{engine_dir}: {unlisted[:5]} are not listed in {ENGINE_JSON}: files were added to "
+                            "the engine after its build (tampering?); remove them or rebuild the engine")
+    for name, info in files.items():
+        path = engine_dir / name
+        if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
+            raise ArtifactError(f"{engine_dir / ENGINE_JSON}: the entry for {name} is malformed; rebuild the engine")
+        if Path(name).name != name or not path.is_file() or path.is_symlink():
+            raise ArtifactError(f"{engine_dir}: {name} listed in {ENGINE_JSON} is missing or not a plain file; "
+                                "rebuild the engine")
+        inside(path, engine_dir)
+        if path.stat().st_size != info["bytes"] or (verify and file_sha256(path) != info["sha256"]):
+            raise ArtifactError(f"{engine_dir}: {name} does not match {ENGINE_JSON} (changed or from another build); "
+                                "rebuild the engine")
+
+
 def load(engine_dir: str | Path, *, verify: bool = True, **backend_options) -> Engine:
-    """Load an engine directory written by :func:`build`.
+    """Load an engine directory written by :func:`build`. Refuses an engine whose engine.json was
+    edited, that holds files the build did not write, or that asks for remote code; ``verify=False``
+    skips hashing the (large) files but still checks their sizes.
 
     >>> engine = load("work/engine")  # doctest: +SKIP
     """
@@ -366,19 +410,16 @@ def load(engine_dir: str | Path, *, verify: bool = True, **backend_options) -> E
     if not (engine_dir / ENGINE_JSON).is_file():
         raise ArtifactError(f"{engine_dir} is not an engine directory ({ENGINE_JSON} missing); build one with nbtrt.build()")
     manifest = read_json(engine_dir / ENGINE_JSON)
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{engine_dir / ENGINE_JSON} is not an engine manifest; rebuild the engine")
+    refuse_remote_code(engine_dir)
+    check_manifest(engine_dir, manifest, verify)
     backend = manifest.get("backend")
     if backend not in BACKENDS:
         raise ArtifactError(f"{engine_dir} needs backend {backend!r}, which this nbtrt does not know ({sorted(BACKENDS)})")
     reason = BACKENDS[backend].available()
     if reason:
         raise RuntimeError(f"{engine_dir} was built for {backend!r}, which cannot run here: {reason}")
-    for name, info in manifest.get("files", {}).items():
-        path = engine_dir / name
-        if not path.is_file():
-            raise ArtifactError(f"{engine_dir}: {name} listed in {ENGINE_JSON} is missing; rebuild the engine")
-        if path.stat().st_size != info["bytes"] or (verify and file_sha256(path) != info["sha256"]):
-            raise ArtifactError(f"{engine_dir}: {name} does not match {ENGINE_JSON} (changed or from another build); "
-                                "rebuild the engine")
     return BACKENDS[backend](engine_dir, manifest, **backend_options)
 
 

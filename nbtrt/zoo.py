@@ -240,8 +240,9 @@ def _save_hf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32,
+                                                 trust_remote_code=False)
     end_ids = _end_ids(tokenizer)
     if not end_ids:
         raise ZooError(f"{gguf_file} has no end-of-sequence token; it cannot be used for chat.")

@@ -97,7 +97,7 @@ def test_remote_code_is_refused(tmp_path, tiny):
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "modeling_evil.py").write_text("raise SystemExit('executed remote code')\n")
-    with pytest.raises(UnsupportedModelError, match="trust_remote_code"):
+    with pytest.raises(ArtifactError, match="config.json has 'auto_map'.*trust_remote_code"):
         nbtrt.convert(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

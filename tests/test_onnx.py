@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 import nbtrt
 from nbtrt._io import ArtifactError
-from nbtrt.engine import BACKENDS, default_backend
+from nbtrt.engine import BACKENDS, default_backend, write_manifest
 from nbtrt.generate import GenerationError
 from nbtrt.testing import TINY, tiny_hf_model
 
@@ -206,7 +206,8 @@ def test_tensorrt_missing_is_a_clear_error(tmp_path, tiny):
     edir = tmp_path / "as-trt"
     shutil.copytree(ort.engine_dir, edir)
     manifest = json.loads((edir / "engine.json").read_text())
-    (edir / "engine.json").write_text(json.dumps({**manifest, "backend": "tensorrt"}))
+    manifest.pop("manifest_sha256")
+    write_manifest(edir / "engine.json", {**manifest, "backend": "tensorrt"})  # as a TensorRT build records it
     with pytest.raises(RuntimeError, match="built for 'tensorrt', which cannot run here"):
         nbtrt.load(edir)
 

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import nbtrt
 import nbtrt.quantize as nq
-from nbtrt._io import copy_tokenizer_files
-from nbtrt.checkpoint import load_checkpoint
+from nbtrt._io import atomic_dir, copy_tokenizer_files
+from nbtrt.checkpoint import load_checkpoint, save_checkpoint
 from nbtrt.model import capture_outputs, load_decoder
 from nbtrt import layouts as formats
 from nbtrt.quantize import calib, smoothquant
@@ -353,8 +353,8 @@ def test_format_the_architecture_cannot_take(tiny, tmp_path, tok_dir):
 
 def test_non_finite_activations(tmp_path, tok_dir):
     model = random_hf_model("LlamaForCausalLM", vocab_size=VOCAB)
-    with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with torch.no_grad():  # finite weights (convert refuses NaN/Inf ones) whose activations overflow
+        model.model.layers[1].mlp.up_proj.weight[0, :] = 3e38
     model.save_pretrained(tmp_path / "hf")
     copy_tokenizer_files(tok_dir, tmp_path / "hf")
     ckpt = nbtrt.convert(tmp_path / "hf", tmp_path / "ckpt")
@@ -362,8 +362,12 @@ def test_non_finite_activations(tmp_path, tok_dir):
     with pytest.raises(QuantizationError, match=r"non-finite activations .* layers\.1\.mlp\.down"):
         nq.quantize(ckpt, out, "fp8", num_samples=2, seq_len=32)
     _nothing_written(out)
+    cfg, tensors = load_checkpoint(ckpt)  # a checkpoint written around an Inf weight, hash and all
+    tensors["layers.1.mlp.up.weight"][0, 0] = float("inf")
+    with atomic_dir(tmp_path / "ckpt-inf") as tmp:
+        save_checkpoint(tmp, cfg, tensors, stage="convert", source=ckpt, options={}, tokenizer_dir=ckpt)
     with pytest.raises(QuantizationError, match=r"layers\.1\.mlp\.up\.weight holds NaN/Inf"):
-        nq.quantize(ckpt, out, "int8_wo")  # weight-only: no calibration pass, the weights are checked
+        nq.quantize(tmp_path / "ckpt-inf", out, "int8_wo")  # weight-only: no calibration pass, the weights are checked
     _nothing_written(out)
 
 

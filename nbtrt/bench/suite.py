@@ -40,7 +40,7 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
     (``nbtrt.quantize`` formats, e.g. "int8_wo", "int4_wo"), for the runners in ``quantized_runners``
     (default: every nbtrt runner). Unavailable ones come back skipped, and so do those in ``skip``
     (runner -> the reason it is not run); one whose build or load raises comes back failed."""
-    from transformers import AutoModelForCausalLM  # lazy: heavy, and only the HF runners need it
+    from .._io import load_hf_model  # trust_remote_code=False, auto_map refused
 
     _ensure_backends()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,7 +67,7 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
             runners.append(skipped(name, short, skip[name]))
             continue
         if name.startswith("hf-"):
-            hf = hf or AutoModelForCausalLM.from_pretrained(src, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+            hf = hf or load_hf_model(src, dtype=TORCH_DTYPES[dtype]).to(device).eval()
             runners.append(hf_runner(hf, compile=name == "hf-compile", max_batch_size=max_batch_size,
                                      pad_token_id=_pad_id(hf)))
             continue

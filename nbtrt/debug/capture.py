@@ -322,9 +322,9 @@ def as_source(obj: SourceLike, *, label: str | None = None) -> Source:
             return ModuleSource(model, model.cfg, _arch_of(model.cfg), hf=False,
                                 label=label or f"checkpoint {path.name}", tokenizer_dir=path)
         architecture_for(data)  # refuses remote code and unsupported architectures before loading
-        from transformers import AutoModelForCausalLM
+        from .._io import load_hf_model
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = load_hf_model(path, dtype=torch.float32)
         return as_source(model, label=label or "HF")
     raise TypeError(f"cannot compare a {type(obj).__name__}: pass an Engine, an nbtrt Decoder, a HF model, "
                     "or the path of a HF directory / nbtrt checkpoint / engine directory (or a zoo name)")

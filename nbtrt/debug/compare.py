@@ -206,9 +206,9 @@ def _tokenizer(sources: list[Source], required: bool):
     for s in sources:
         d = s.tokenizer_dir
         if d is not None and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
-            from transformers import AutoTokenizer
+            from .._io import load_tokenizer
 
-            return AutoTokenizer.from_pretrained(d)
+            return load_tokenizer(d)
     if required:
         raise ValueError(f"neither {sources[0].label} nor {sources[1].label} has tokenizer files; pass input_ids=")
     return None

@@ -14,7 +14,7 @@ windows are ``num_samples`` consecutive, non-overlapping ``seq_len``-token chunk
 calibration documents taken in a seeded shuffled order (defaults follow TensorRT-LLM /
 ModelOpt: 512 samples of 512 tokens).
 
->>> tok = AutoTokenizer.from_pretrained(ckpt)                         # doctest: +SKIP
+>>> tok = load_tokenizer(ckpt)                                       # doctest: +SKIP
 >>> ids = windows(tok, "kjv", "calib", num=8, seq_len=256)           # [8, 256] token ids
 >>> cal = calibrate(ckpt, "kjv", num_samples=32, seq_len=256)         # activation statistics
 """
@@ -297,6 +297,6 @@ def tokenizer_for(ckpt: str | Path):
     if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise QuantizationError(f"{ckpt} has no tokenizer files, which calibration text needs; "
                                 "convert from a HF directory that has them")
-    from transformers import AutoTokenizer
+    from .._io import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(ckpt)
+    return load_tokenizer(ckpt)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir
-from ..checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
+from .._io import atomic_dir, check_output
+from ..checkpoint import check_finite, checkpoint_hash, load_checkpoint, save_checkpoint
 from ..layouts import (ACTIVATION_SCHEMES, EPS, FORMATS, FP8_MAX, INT8_MAX, KV_FORMATS, LAYOUT_VERSION,
                       QuantizationError, check_quantized_tensors, linear_names, quantize_weight)
 from ..model import TORCH_DTYPES, decoder_from_tensors
@@ -86,9 +86,9 @@ def quantize(ckpt: str | Path, out: str | Path, fmt: str | None, calib: str | li
     """
     _check_options(fmt, kv_cache, group_size, alpha, activation_scheme)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    cfg, tensors = load_checkpoint(ckpt)
+    check_output(out, (ckpt,), overwrite=overwrite)  # before the (long) work, not after it
+    cfg, tensors = load_checkpoint(ckpt, verify_hash=True)
+    check_finite(tensors, str(ckpt), QuantizationError)
     if cfg.quantization:
         raise QuantizationError(f"{ckpt} is already quantized ({cfg.quantization.format or 'kv cache'}); "
                                 "quantize the original, unquantized checkpoint instead")
@@ -147,7 +147,7 @@ def quantize(ckpt: str | Path, out: str | Path, fmt: str | None, calib: str | li
     check_quantized_tensors(qcfg, all_tensors, f"{ckpt} quantized")
     options = {"format": fmt, "kv_cache": kv_cache, "group_size": group_size, "alpha": alpha,
                "activation_scheme": activation_scheme, "exclude": list(exclude), "lm_head": lm_head}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=(ckpt,)) as tmp:
         save_checkpoint(tmp, qcfg, all_tensors, stage="quantize", source=ckpt, options=options,
                         tokenizer_dir=Path(ckpt))
     return out
