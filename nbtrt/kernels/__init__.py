@@ -1,0 +1,1 @@
+"""GPU kernels (Triton, CUDA) that nbtrt runtimes call."""

@@ -1,0 +1,290 @@
+"""One model step over a mixed batch (prefill chunks and decodes) through the paged KV cache.
+
+The batch is flattened into one row of ``N`` tokens (``input_ids`` [1, N]) and run through the
+one nbtrt decoder's own blocks; each block's attention calls ``kv.attend(...)`` on a
+:class:`PagedLayerKV`, which
+
+- writes the step's keys and values into their slots (``slot_mapping``, from the block tables);
+- attends: the one-token rows (decodes, first in the batch) through the block tables in one
+  batched call (on CUDA the Triton kernel :mod:`nbtrt.kernels.paged_attention`, elsewhere
+  :func:`paged_attention_reference`), each prefill chunk by gathering its sequence's blocks
+  and running SDPA with the causal mask shifted by what was already computed.
+
+On CUDA, a batch of decodes only runs as one CUDA graph replay, captured per bucket of batch sizes
+(:data:`DECODE_BUCKETS`, padded rows write to the scratch block 0 and read nothing), with
+the blocks compiled by ``torch.compile`` first as :class:`~nbtrt.backends.torch.TorchEngine`
+does. Mixed steps run eagerly.
+
+>>> runner = ModelRunner(engine.model, pool, max_batch_size=64, max_seq_len=2048)  # doctest: +SKIP
+>>> logits = runner.step(batch)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ..generate import next_tokens
+from ..model import Decoder, dense_attention
+from .block_pool import BlockPool
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+DYNAMO_RECOMPILE_LIMIT = 64
+_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+# ------------------------------------------------------------------------------ attention
+def gather_kv(cache: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
+    """A sequence's first ``length`` keys (or values) [KV, length, D] out of the pool ``cache``."""
+    blocks = cache[torch.tensor(table[: -(-length // cache.shape[1])], device=cache.device)]
+    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length].transpose(0, 1)
+
+
+def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: list[int], context: int,
+                    scale: float, window: int | None = None) -> torch.Tensor:
+    """Attention of a sequence's ``n`` newest tokens ``q`` [H, n, D] (their keys already in the pool)
+    over its ``context`` tokens: causal, shifted by the ``context - n`` tokens computed before."""
+    n = q.shape[1]
+    k, v = gather_kv(k_cache, table, context), gather_kv(v_cache, table, context)
+    mask = None  # no past: plain causal
+    if n != context or window is not None:
+        query = torch.arange(context - n, context, device=q.device)[:, None]
+        key = torch.arange(context, device=q.device)[None, :]
+        mask = key <= query
+        if window is not None:
+            mask = mask & (query - key < window)
+        mask = mask[None, None]
+    return dense_attention(q[None], k[None], v[None], mask, scale)[0]
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]],
+                              contexts: list[int], query_lens: list[int], scale: float,
+                              window: int | None = None) -> torch.Tensor:
+    """The plain torch path: ``q`` [N, H, D], the tokens of each sequence in turn (``query_lens``),
+    each sequence attending its ``contexts[i]`` cached tokens -> [N, H, D]. What the GPU kernel
+    is tested against."""
+    outs, start = [], 0
+    for table, context, n in zip(tables, contexts, query_lens):
+        outs.append(chunk_attention(q[start:start + n].transpose(0, 1), k_cache, v_cache, table, context, scale,
+                                    window).transpose(0, 1))
+        start += n
+    return torch.cat(outs) if outs else q.new_empty(0, *q.shape[1:])
+
+
+class StepMeta:
+    """What attention needs to know about a step. ``all_decodes``: every row is a one-token
+    sequence and the kernel reads the device tensors alone (the compiled, graphed decode)."""
+
+    def __init__(self, slot_mapping, block_tables=None, context_lens=None, split=0, use_kernel=False,
+                 all_decodes=False, num_decodes=0, tables=(), contexts=(), query_lens=(), window=None):
+        self.slot_mapping, self.block_tables, self.context_lens, self.split = slot_mapping, block_tables, context_lens, split
+        self.use_kernel, self.all_decodes, self.num_decodes = use_kernel, all_decodes, num_decodes
+        self.tables, self.contexts, self.query_lens, self.window = tables, contexts, query_lens, window
+
+
+class PagedLayerKV:
+    """One layer's view of the paged cache for one step; ``attend`` is the decoder's swap point.
+    The layer index is ignored: the runner hands each block its own layer's pool tensors, so one
+    compiled graph serves every layer."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: StepMeta):
+        self.k_cache, self.v_cache, self.meta = k_cache, v_cache, meta
+
+    def attend(self, layer, q, k, v, mask, scale, cache_position):
+        m = self.meta
+        KV, D = self.k_cache.shape[2], self.k_cache.shape[3]
+        flat_k, flat_v = self.k_cache.view(-1, KV, D), self.v_cache.view(-1, KV, D)
+        flat_k.index_copy_(0, m.slot_mapping, k[0].transpose(0, 1).to(flat_k.dtype))
+        flat_v.index_copy_(0, m.slot_mapping, v[0].transpose(0, 1).to(flat_v.dtype))
+        qf = q[0].transpose(0, 1)  # [N, H, D]
+        if m.all_decodes:
+            out = torch.ops.nbtrt.paged_decode_attention(qf, self.k_cache, self.v_cache, m.block_tables,
+                                                         m.context_lens, scale, m.split)
+            return out.transpose(0, 1)[None]
+        nd, parts = m.num_decodes, []
+        if nd and m.use_kernel:
+            parts.append(torch.ops.nbtrt.paged_decode_attention(
+                qf[:nd], self.k_cache, self.v_cache, m.block_tables, m.context_lens, scale, m.split))
+        elif nd:
+            parts.append(paged_attention_reference(qf[:nd], self.k_cache, self.v_cache, m.tables[:nd],
+                                                   m.contexts[:nd], [1] * nd, scale, m.window))
+        if nd < len(m.query_lens):
+            parts.append(paged_attention_reference(qf[nd:], self.k_cache, self.v_cache, m.tables[nd:],
+                                                   m.contexts[nd:], m.query_lens[nd:], scale, m.window))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.transpose(0, 1)[None]  # [1, H, N, D]
+
+
+# ------------------------------------------------------------------------------ the step
+def _prelude(model: Decoder, input_ids, positions):
+    x = model.embed(input_ids, positions)
+    return x, (model.rope(positions, x.dtype) if model.rope is not None else None)
+
+
+def _block(block, x, rope, k_cache, v_cache, slot_mapping, block_tables, context_lens, split):
+    meta = StepMeta(slot_mapping, block_tables, context_lens, split, use_kernel=True, all_decodes=True)
+    return block(x, rope, None, PagedLayerKV(k_cache, v_cache, meta), None)
+
+
+def _head(model: Decoder, x, logits_indices):
+    return model.lm_head(model.final_norm(x.index_select(1, logits_indices)))[0]
+
+
+class ModelRunner:
+    """Runs scheduled batches on ``model`` (the engine's decoder, quantized linears already swapped in)
+    over ``pool``. ``cuda_graphs`` (CUDA only): decode-only steps replay captured graphs of the
+    compiled blocks."""
+
+    def __init__(self, model: Decoder, pool: BlockPool, *, max_batch_size: int, max_seq_len: int,
+                 cuda_graphs: bool | None = None):
+        from ..kernels import paged_attention
+
+        self.model, self.pool = model, pool
+        self.device = next(model.parameters()).device
+        self.max_blocks = -(-max_seq_len // pool.block_size)
+        self.window = model.cfg.sliding_window if (model.cfg.sliding_window or 0) < max_seq_len else None
+        self.use_kernel = self.window is None and paged_attention.takes(
+            torch.empty(1, 1, model.cfg.head_dim, dtype=pool.k[0].dtype, device=self.device), pool.k[0])
+        self.split = paged_attention.keys_per_split(self.max_blocks * pool.block_size)
+        self.cuda_graphs = (self.device.type == "cuda" and self.use_kernel) if cuda_graphs is None else cuda_graphs
+        self.buckets = [b for b in DECODE_BUCKETS if b < max_batch_size] + [max_batch_size]
+        self._graphs: dict[int, SimpleNamespace] = {}
+        self._graph_pool = None
+        if self.cuda_graphs:
+            opts = {"coordinate_descent_tuning": True, "triton.enable_pdl": True}
+            self._fns = tuple(torch.compile(f, dynamic=None, fullgraph=True, options=opts) for f in (_prelude, _block, _head))
+
+    # -------------------------------------------------------------- host-side metadata
+    def _meta(self, batch: ScheduledBatch) -> StepMeta:
+        ids, positions, slots, logits_rows, tables, contexts = [], [], [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start, end = seq.num_computed, seq.num_computed + n
+            ids += seq.tokens[start:end]
+            positions += range(start, end)
+            slots += self.pool.slots(seq.block_table, start, end)
+            if end == seq.num_tokens:  # the chunk reaches the end: its last row gives the next token
+                logits_rows.append(len(ids) - 1)
+            tables.append(seq.block_table)
+            contexts.append(end)
+        dev = self.device
+        meta = StepMeta(torch.tensor(slots, device=dev), split=self.split, use_kernel=self.use_kernel,
+                        num_decodes=batch.num_decodes, tables=tables, contexts=contexts,
+                        query_lens=list(batch.num_new), window=self.window)
+        if self.use_kernel and meta.num_decodes:
+            meta.block_tables, meta.context_lens = self._tables(tables[:meta.num_decodes], contexts[:meta.num_decodes])
+        meta.input_ids, meta.positions = torch.tensor([ids], device=dev), torch.tensor([positions], device=dev)
+        meta.logits_indices = torch.tensor(logits_rows, device=dev)
+        return meta
+
+    def _tables(self, tables: list[list[int]], contexts: list[int], rows: int | None = None):
+        rows = rows or len(tables)
+        t = torch.zeros(rows, self.max_blocks, dtype=torch.int32)
+        for i, table in enumerate(tables):
+            t[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        lens = torch.zeros(rows, dtype=torch.int32)
+        lens[:len(contexts)] = torch.tensor(contexts, dtype=torch.int32)
+        return t.to(self.device, non_blocking=True), lens.to(self.device, non_blocking=True)
+
+    # -------------------------------------------------------------- running
+    @torch.inference_mode()
+    def step(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run ``batch``; return logits [S, V] for the sequences whose chunk reached their end (in
+        batch order). Advances each sequence's ``num_computed``."""
+        if self.cuda_graphs and batch.num_decodes == len(batch.seqs) and len(batch.seqs) <= self.buckets[-1]:
+            logits = self._graphed_decode(batch)
+        else:
+            logits = self._eager(self._meta(batch))
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_computed += n
+        return logits
+
+    def _eager(self, meta: StepMeta) -> torch.Tensor:
+        model = self.model
+        x, rope = _prelude(model, meta.input_ids, meta.positions)
+        for layer, k_cache, v_cache in zip(model.layers, self.pool.k, self.pool.v):
+            x = layer(x, rope, None, PagedLayerKV(k_cache, v_cache, meta), None)
+        return _head(model, x, meta.logits_indices)
+
+    def _graphed_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        n = len(batch.seqs)
+        bucket = next(b for b in self.buckets if b >= n)
+        st = self._graphs.get(bucket) or self._capture(bucket)
+        ids = [seq.tokens[seq.num_computed] for seq in batch.seqs]
+        positions = [seq.num_computed for seq in batch.seqs]
+        slots = [self.pool.slots(seq.block_table, p, p + 1)[0] for seq, p in zip(batch.seqs, positions)]
+        pad = bucket - n
+        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [0] * pad])
+        tables, lens = self._tables([s.block_table for s in batch.seqs], [p + 1 for p in positions], bucket)
+        st.ids.copy_(host[0:1], non_blocking=True)
+        st.positions.copy_(host[1:2], non_blocking=True)
+        st.slots.copy_(host[2], non_blocking=True)
+        st.tables.copy_(tables)
+        st.lens.copy_(lens)
+        st.graph.replay()
+        return st.logits[:n].clone()
+
+    def _run_static(self, st: SimpleNamespace) -> torch.Tensor:
+        prelude, block, head = self._fns
+        with torch._dynamo.config.patch(**{_LIMIT_KEY: DYNAMO_RECOMPILE_LIMIT}):
+            x, rope = prelude(self.model, st.ids, st.positions)
+            for layer, k_cache, v_cache in zip(self.model.layers, self.pool.k, self.pool.v):
+                x = block(layer, x, rope, k_cache, v_cache, st.slots, st.tables, st.lens, self.split)
+            return head(self.model, x, st.rows)
+
+    def _capture(self, bucket: int) -> SimpleNamespace:
+        dev = self.device
+        st = SimpleNamespace(ids=torch.zeros(1, bucket, dtype=torch.long, device=dev),
+                             positions=torch.zeros(1, bucket, dtype=torch.long, device=dev),
+                             slots=torch.zeros(bucket, dtype=torch.long, device=dev),
+                             tables=torch.zeros(bucket, self.max_blocks, dtype=torch.int32, device=dev),
+                             lens=torch.zeros(bucket, dtype=torch.int32, device=dev),
+                             rows=torch.arange(bucket, device=dev), graph=None, logits=None)
+        # warm up (compiles) on a side stream, then capture; all rows pad: they write the scratch block
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run_static(st)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self._graph_pool = self._graph_pool or torch.cuda.graph_pool_handle()
+        st.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(st.graph, pool=self._graph_pool):
+            st.logits = self._run_static(st)
+        self._graphs[bucket] = st
+        return st
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile and capture every decode bucket now rather than at the first request."""
+        if not self.cuda_graphs:
+            return
+        from tqdm.auto import tqdm
+
+        for bucket in tqdm(self.buckets, desc="torch.compile + CUDA graphs (decode buckets)", disable=not progress,
+                           leave=False):
+            if bucket not in self._graphs:
+                self._capture(bucket)
+
+
+# ------------------------------------------------------------------------------ sampling
+def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    """One next token per sequence under its own SamplingParams: greedy rows in one argmax, the
+    others one by one through :func:`nbtrt.generate.next_tokens` (own generator, own history)."""
+    plain = [i for i, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
+    out = [0] * len(seqs)
+    if plain:
+        rows = logits if len(plain) == len(seqs) else logits[torch.tensor(plain, device=logits.device)]
+        for i, t in zip(plain, rows.float().argmax(-1).tolist()):
+            out[i] = t
+    done = set(plain)
+    for i, s in enumerate(seqs):
+        if i in done:
+            continue
+        history = None
+        if s.params.repetition_penalty != 1.0:
+            history = torch.tensor([s.tokens], device=logits.device)
+        if s.generator is None and s.params.seed is not None:
+            s.generator = torch.Generator(device=logits.device).manual_seed(s.params.seed)
+        out[i] = int(next_tokens(logits[i:i + 1], s.params, s.generator, history)[0])
+    return out
