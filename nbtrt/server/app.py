@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import math
 import time
+from collections import OrderedDict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,6 +29,7 @@ from . import protocol
 from .metrics import ServerMetrics
 from .protocol import APIError, Request
 
+RECENT_REQUESTS = 4096  # finished requests whose metrics the server keeps (newest)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
 
 
@@ -44,6 +46,12 @@ class ServerState:
         self.default_max_tokens = default_max_tokens
         self.metrics = ServerMetrics()
         self.started = int(time.time())
+        self.recent: OrderedDict[str, dict] = OrderedDict()  # request id -> the LLM's metrics, for timelines
+
+    def remember(self, rid: str, final) -> None:
+        self.recent[rid] = {**(final.metrics or {}), "finish_reason": final.finish_reason}
+        while len(self.recent) > RECENT_REQUESTS:
+            self.recent.popitem(last=False)
 
     # -------------------------------------------------------------- request -> engine input
     def prompt_ids(self, req: Request) -> list[int]:
@@ -118,23 +126,27 @@ async def _generate(request: HTTPRequest, parse) -> Response:
         return error(APIError(f"the server is at capacity ({st.max_pending} requests running or queued); "
                               "retry after the Retry-After seconds", status=429, type="rate_limit_error",
                               code="queue_full", headers={"Retry-After": st.retry_after()}))
-    st.metrics.in_flight += 1  # the event loop is single-threaded: no lock needed between routes
     rid = req.new_id()
-    stream = st.llm.generate_async(ids, params, streaming=req.stream, request_id=rid)
+    try:  # the LLM refuses bad input here, before anything is queued
+        stream = st.llm.generate_async(ids, params, streaming=req.stream, request_id=rid)
+    except GenerationError as e:
+        st.metrics.reject("bad_request")
+        return error(APIError(str(e), param=req.prompt_field))
+    st.metrics.in_flight += 1  # the event loop is single-threaded: no lock needed between routes
     if req.stream:
         return StreamingResponse(_events(st, req, rid, ids, stream), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     try:
         final = await _until_done_or_gone(request, _last(stream))
-    except GenerationError as e:
-        return error(APIError(str(e), param=req.prompt_field))
+    except RuntimeError as e:  # the engine loop failed or was shut down
+        return error(APIError(str(e), status=503, type="server_error", code="engine_unavailable"))
     finally:
         await stream.aclose()  # aborts the request if the client left before the end
         st.metrics.in_flight -= 1
     if final is None:  # the client left: nobody to answer
         st.metrics.observe_finished({}, "abort", 0.0)
         return Response(status_code=499)
-    _record(st, final)
+    _record(st, rid, final)
     use = protocol.usage(len(ids), len(final.token_ids))
     return JSONResponse(protocol.response(req, rid, st.model_name, final.text, final.finish_reason, use))
 
@@ -174,8 +186,8 @@ async def _events(st: ServerState, req: Request, rid: str, ids: list[int], strea
                 final = out
                 if out.delta_text:
                     yield protocol.sse(protocol.chunk(req, rid, st.model_name, out.delta_text))
-        except GenerationError as e:  # refused at submit: headers are out, so say it in the stream
-            yield protocol.sse(APIError(str(e), param=req.prompt_field).body())
+        except RuntimeError as e:  # the engine failed mid-stream: headers are out, so say it in the stream
+            yield protocol.sse(APIError(str(e), status=503, type="server_error", code="engine_unavailable").body())
         if final is not None and final.finished:
             yield protocol.sse(protocol.chunk(req, rid, st.model_name, None, final.finish_reason))
             if req.include_usage:
@@ -188,11 +200,12 @@ async def _events(st: ServerState, req: Request, rid: str, ids: list[int], strea
             st.llm.abort(rid)  # belt and braces: the contract says aclose() already did
             st.metrics.observe_finished({}, "abort", 0.0)
         else:
-            _record(st, final)
+            _record(st, rid, final)
         st.metrics.in_flight -= 1
 
 
-def _record(st: ServerState, final) -> None:
+def _record(st: ServerState, rid: str, final) -> None:
+    st.remember(rid, final)
     m = final.metrics or {}
     e2e = (m["finish_time"] - m["arrival_time"]) if m.get("finish_time") and m.get("arrival_time") else 0.0
     st.metrics.observe_finished(m, final.finish_reason, e2e)

@@ -104,6 +104,12 @@ class ServerHandle:
         if self._thread.is_alive():
             raise RuntimeError(f"the server thread did not stop within {timeout_s:.0f} s")
 
+    def request_metrics(self, request_ids: list[str]) -> list[dict | None]:
+        """The LLM's metrics (arrival / first token / finish times, token counts) of finished requests,
+        by the ``id`` their responses carried; None for ids the server does not remember."""
+        recent = self.app.state.server.recent
+        return [recent.get(rid) for rid in request_ids]
+
     def __enter__(self) -> "ServerHandle":
         return self
 
