@@ -169,13 +169,13 @@ class ModelRunner:
             tables.append(seq.block_table)
             contexts.append(end)
         dev = self.device
-        meta = StepMeta(torch.tensor(slots, device=dev), split=self.split, use_kernel=self.use_kernel,
+        meta = StepMeta(torch.tensor(slots, dtype=torch.long, device=dev), split=self.split, use_kernel=self.use_kernel,
                         num_decodes=batch.num_decodes, tables=tables, contexts=contexts,
                         query_lens=list(batch.num_new), window=self.window)
         if self.use_kernel and meta.num_decodes:
             meta.block_tables, meta.context_lens = self._tables(tables[:meta.num_decodes], contexts[:meta.num_decodes])
         meta.input_ids, meta.positions = torch.tensor([ids], device=dev), torch.tensor([positions], device=dev)
-        meta.logits_indices = torch.tensor(logits_rows, device=dev)
+        meta.logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=dev)
         return meta
 
     def _tables(self, tables: list[list[int]], contexts: list[int], rows: int | None = None):
