@@ -63,7 +63,7 @@ def resolve_engine(model, backend: str = "torch", *, work_dir: str | Path | None
     seq_len = max_seq_len or min(DEFAULT_SEQ_LEN, cfg.max_position_embeddings or DEFAULT_SEQ_LEN)
     input_len = min(max_input_len or DEFAULT_INPUT_LEN, seq_len)
     opts = {"dtype": dtype} if dtype and backend != "torch" else {}
-    batch = max_batch_size if backend != "torch" else 1  # torch: the LLM has its own batch limit
+    batch = max_batch_size
     edir = work / f"engine-{backend}-{ckpt.name}-{_key(str(ckpt.resolve()), meta.get('content_sha256'), batch, input_len, seq_len, opts)}"
     if not (edir / ENGINE_JSON).is_file():
         build(ckpt, edir, backend=backend, max_batch_size=batch, max_input_len=input_len, max_seq_len=seq_len,
@@ -80,3 +80,10 @@ def engine_from_decoder(model, *, max_batch_size: int = 1, max_seq_len: int = 20
     from ..backends.torch import TorchEngine
 
     return TorchEngine.from_decoder(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, **options)
+
+
+def release_static_cache(engine: Engine) -> None:
+    """Free a torch engine's static KV cache and its CUDA graphs (after static batching, before a
+    paged pool takes the memory); the next ``begin`` allocates them again."""
+    if getattr(engine, "backend", None) == "torch":
+        engine.cache, engine._kv, engine._static, engine._prefill_static, engine._pool = None, [], {}, {}, None

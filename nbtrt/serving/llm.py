@@ -17,7 +17,7 @@ import itertools
 import numbers
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -67,17 +67,20 @@ class LLM:
                  max_seq_len: int | None = None, max_num_tokens: int = 2048, block_size: int = 16,
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9, device: str | None = None,
                  dtype: str | None = None, work_dir: str | Path | None = None, cuda_graphs: bool | None = None,
-                 warmup: bool = True, verbose: bool = True):
+                 warmup: bool = True, verbose: bool = True, batching: str | None = None):
         self.engine: Engine = resolve_engine(model, backend, work_dir=work_dir, device=device, dtype=dtype,
                                              max_batch_size=max_batch_size, max_input_len=max_input_len,
                                              max_seq_len=max_seq_len)
         cfg = self.engine.config
         self.backend = self.engine.backend
-        self.inflight = self.backend == "torch"
+        batching = batching or ("inflight" if self.backend == "torch" else "static")
+        if batching not in ("inflight", "static") or (batching == "inflight" and self.backend != "torch"):
+            raise ValueError(f"batching={batching!r}: 'inflight' (torch engines) or 'static' (any engine)")
+        self.inflight = batching == "inflight"
         seq_len = max_seq_len or self.engine.limits.max_seq_len
         if cfg.position == "learned":
             seq_len = min(seq_len, cfg.max_position_embeddings)
-        if not self.inflight:  # a static engine's own limits bound every batch
+        if not self.inflight:  # the engine's own limits bound every static batch
             seq_len = min(seq_len, self.engine.limits.max_seq_len)
             max_batch_size = min(max_batch_size, self.engine.limits.max_batch_size)
         input_len = min(max_input_len or self.engine.limits.max_input_len, seq_len)
@@ -190,6 +193,19 @@ class LLM:
             self._live[seq.request_id] = seq
             self._inbox.append(seq)
             self._cv.notify()
+
+    def submit(self, prompt, sampling_params: SamplingParams | None = None, *, on_output,
+               request_id: str | None = None) -> str:
+        """Queue one request; ``on_output(RequestOutput)`` is called from the engine's loop thread
+        once per generated token, the last time with ``finished=True`` (keep it quick). Returns the
+        request id. What ``generate`` and ``generate_async`` are built on; benchmarks use it directly.
+
+        >>> rid = llm.submit([1, 2, 3], llm.sampling(max_new_tokens=4), on_output=print)  # doctest: +SKIP
+        """
+        seq = self._sequence(prompt, sampling_params, request_id)
+        seq.on_output = on_output
+        self._submit(seq)
+        return seq.request_id
 
     def abort(self, request_id: str) -> None:
         """Stop a request from any thread; its KV blocks are freed within one engine step."""
@@ -343,13 +359,25 @@ class LLM:
             self._advance(seq, token)
 
     def _static_batch(self) -> None:
-        """ONNX Runtime / TensorRT: the oldest request and those waiting with the same sampling options,
-        up to the engine's batch size, as one static batch through the engine's generation loop."""
+        """Static batching: the oldest request and those waiting with the same sampling options (any
+        max_new_tokens: each row stops at its own), up to the batch size and while the left-padded
+        batch fits max_seq_len, as one static batch through the engine's generation loop."""
         from ..generate import GenerationState, generate_tokens
 
-        params = self._static_waiting[0].params
-        batch = [s for s in self._static_waiting if s.params == params][:self.limits.max_batch_size]
+        def options(seq):
+            return replace(seq.params, max_new_tokens=1)
+
+        first = self._static_waiting[0]
+        batch, width, new = [], 0, 0
+        for seq in self._static_waiting:
+            w, n = max(width, len(seq.prompt)), max(new, seq.params.max_new_tokens)
+            if options(seq) == options(first) and w + n - 1 <= self.limits.max_seq_len:
+                batch.append(seq)
+                width, new = w, n
+                if len(batch) == self.limits.max_batch_size:
+                    break
         self._static_waiting = [s for s in self._static_waiting if s not in batch]
+        params = replace(first.params, max_new_tokens=new)
         state = GenerationState([s.prompt for s in batch])
         now = time.perf_counter()
         for seq in batch:
@@ -392,6 +420,8 @@ class LLM:
         if self.scheduler is not None:
             self.scheduler.finish(seq, reason)
         else:
+            if seq in self._static_waiting:
+                self._static_waiting.remove(seq)
             seq.status, seq.finish_reason = Status.FINISHED, seq.finish_reason or reason
         seq.finish_time = time.perf_counter()
         self._counters["requests_finished"] += 1
