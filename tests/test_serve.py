@@ -251,26 +251,32 @@ def test_client_gone_mid_stream_frees_its_blocks(tiny):
 
 
 def test_full_queue_answers_429_with_retry_after(tiny):
-    slots = tiny.llm.limits.max_batch_size
-    with serve(tiny.llm, max_queue=0) as server:  # at most one batch in flight, nothing waiting
-        body = {"model": tiny.name, "prompt": PROMPTS[7], "max_tokens": 200, "stream": True}
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            streams = [http.stream("POST", "/completions", json=body) for _ in range(slots)]
-            responses = [s.__enter__() for s in streams]
-            try:
-                for resp in responses:
-                    assert next(resp.iter_lines()).startswith("data: ")  # all running
-                r = http.post("/completions", json={**body, "stream": False})
-                assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-                assert r.json()["error"]["code"] == "queue_full"
-                with pytest.raises(openai.RateLimitError):
-                    openai.OpenAI(base_url=server.url, api_key="x", max_retries=0).completions.create(
-                        model=tiny.name, prompt="hi", max_tokens=2)
-            finally:
-                for s in streams:
-                    s.__exit__(None, None, None)
-            wait_idle(server.base)
-            assert http.post("/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+    # one sequence a step and one waiting: the third request finds the server full. The two
+    # long requests are held open by their streams and aborted when the streams close.
+    with nbtrt.LLM(tiny.src, max_batch_size=1, max_seq_len=4096, num_blocks=300, verbose=False) as llm, \
+            serve(llm, max_queue=1) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        body = {"model": llm.model_name, "prompt": PROMPTS[7], "max_tokens": 4000, "stream": True}
+        streams = [http.stream("POST", "/completions", json=body) for _ in range(2)]
+        try:
+            lines = streams[0].__enter__().iter_lines()  # kept: dropping it would close the connection
+            assert next(lines).startswith("data: ")
+            streams[1].__enter__()  # headers come at once; its tokens wait for the slot
+            deadline = time.monotonic() + 5
+            while (m := metrics(server.base))["nbtrt_num_requests_waiting"] < 1:
+                assert time.monotonic() < deadline, f"the second request never queued: {m}"
+                time.sleep(0.01)
+            assert (m["nbtrt_num_requests_running"], m["nbtrt_server_requests_in_flight"]) == (1, 2)
+            r = http.post("/completions", json={**body, "stream": False})
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "queue_full"
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=server.url, api_key="x", max_retries=0).completions.create(
+                    model=llm.model_name, prompt="hi", max_tokens=2)
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+        wait_idle(server.base)
+        assert http.post("/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
         assert metrics(server.base)['nbtrt_requests_rejected_total{reason="queue_full"}'] == 2
 
 
@@ -315,8 +321,10 @@ def test_cli_serve(tiny):
                           "--max-batch-size", "2", "--max-seq-len", "128", "--log-level", "warning"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        line = p.stdout.readline()
-        assert " at http://127.0.0.1:" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        lines = []
+        while " at http://127.0.0.1:" not in (line := p.stdout.readline()):  # after the LLM's own messages
+            lines.append(line)
+            assert line or p.poll() is None, (lines, p.stderr.read())
         url = line.split(" at ")[1].split()[0]
         r = openai.OpenAI(base_url=url, api_key="none", max_retries=0).completions.create(
             model=tiny.name, prompt="hi", max_tokens=3)

@@ -141,8 +141,8 @@ async def _generate(request: HTTPRequest, parse) -> Response:
     except RuntimeError as e:  # the engine loop failed or was shut down
         return error(APIError(str(e), status=503, type="server_error", code="engine_unavailable"))
     finally:
-        await stream.aclose()  # aborts the request if the client left before the end
         st.metrics.in_flight -= 1
+        await stream.aclose()  # aborts the request if the client left before the end
     if final is None:  # the client left: nobody to answer
         st.metrics.observe_finished({}, "abort", 0.0)
         return Response(status_code=499)
@@ -167,11 +167,11 @@ async def _until_done_or_gone(request: HTTPRequest, coro, poll_s: float = 0.25):
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
                 return None
     finally:
-        if not task.done():
+        if not task.done():  # the client left (or we are cancelled): stop the task and let it unwind
             task.cancel()
+            await asyncio.wait({task})
 
 
 async def _events(st: ServerState, req: Request, rid: str, ids: list[int], stream):
@@ -195,13 +195,13 @@ async def _events(st: ServerState, req: Request, rid: str, ids: list[int], strea
                 yield protocol.sse(protocol.usage_chunk(req, rid, st.model_name, use))
         yield protocol.DONE
     finally:
+        st.metrics.in_flight -= 1
         await stream.aclose()
         if final is None or not final.finished:
             st.llm.abort(rid)  # belt and braces: the contract says aclose() already did
             st.metrics.observe_finished({}, "abort", 0.0)
         else:
             _record(st, rid, final)
-        st.metrics.in_flight -= 1
 
 
 def _record(st: ServerState, rid: str, final) -> None:

@@ -37,6 +37,8 @@ def run_serve(args) -> None:
     print(f"nbtrt serve: {name} at {handle.url} (OpenAI base URL; Ctrl-C stops)", flush=True)
     try:
         handle._server.run(sockets=[handle._sock])  # the main thread: uvicorn handles Ctrl-C / SIGTERM
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        print("nbtrt serve: stopped", flush=True)
     finally:
         handle._sock.close()
         handle.llm.shutdown()
