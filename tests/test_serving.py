@@ -54,12 +54,16 @@ async def staggered(llm, requests, arrival_steps):
     return await asyncio.gather(*(one(p, n, at) for (p, n), at in zip(requests, arrival_steps)))
 
 
-def test_inflight_greedy_equals_alone(tiny):
+@pytest.mark.parametrize("bucketed", [False, True], ids=["eager-decode", "bucketed-decode"])
+def test_inflight_greedy_equals_alone(tiny, bucketed):
+    """``bucketed``: decode-only steps through the static, padded buffers the CUDA graphs replay
+    (run eagerly on the CPU, with the decode kernel's plain torch twin)."""
     requests = random_requests(14, seed=1)
     arrivals = [0, 0, 0, 2, 3, 5, 8, 8, 12, 15, 20, 21, 30, 31]
     # a small token budget (chunked prefill of the longer prompts) and a pool too small for every
     # sequence at once (preemption): neither may change a greedy token
-    with nbtrt.LLM(tiny.edir, max_batch_size=6, max_num_tokens=16, block_size=4, num_blocks=40, verbose=False) as llm:
+    with nbtrt.LLM(tiny.edir, max_batch_size=6, max_num_tokens=16, block_size=4, num_blocks=40, verbose=False,
+                   cuda_graphs=bucketed) as llm:
         outs = asyncio.run(staggered(llm, requests, arrivals))
         stats = llm.stats()
         llm.pool.check_no_leaks()

@@ -112,7 +112,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            context_lens: torch.Tensor, scale: float, split: int) -> torch.Tensor:
     """``q`` [B, H, D] (one new token per sequence, its key and value already in the cache),
     ``k_cache``/``v_cache`` [num_blocks, block_size, KV, D], ``block_tables`` [B, max_blocks] int32,
-    ``context_lens`` [B] int32 (keys each sequence attends, its new token's included), ``split``
+    ``context_lens`` [B] int32 or int64 (keys each sequence attends, its new token's included), ``split``
     a multiple of BLOCK_N (:func:`keys_per_split`) -> [B, H, D] in q's dtype."""
     import triton
 

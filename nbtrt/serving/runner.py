@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from ..generate import next_tokens
@@ -73,6 +74,20 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return torch.cat(outs) if outs else q.new_empty(0, *q.shape[1:])
 
 
+def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The decode kernel's contract in plain torch, on device tensors alone (static shapes): ``q``
+    [B, H, D], ``block_tables`` [B, max_blocks], ``context_lens`` [B] -> [B, H, D]. Rows of context 0
+    (padding) attend slot 0 and are ignored by the caller."""
+    B, max_blocks = block_tables.shape
+    bs, KV, D = k_cache.shape[1:]
+    k = k_cache[block_tables.long()].reshape(B, max_blocks * bs, KV, D).transpose(1, 2)
+    v = v_cache[block_tables.long()].reshape(B, max_blocks * bs, KV, D).transpose(1, 2)
+    slots = torch.arange(max_blocks * bs, device=q.device)[None, :]
+    seen = (slots < context_lens[:, None]) | (slots == 0)
+    return dense_attention(q[:, :, None], k, v, seen[:, None, None, :], scale)[:, :, 0]
+
+
 class StepMeta:
     """What attention needs to know about a step. ``all_decodes``: every row is a one-token
     sequence and the kernel reads the device tensors alone (the compiled, graphed decode)."""
@@ -100,8 +115,9 @@ class PagedLayerKV:
         flat_v.index_copy_(0, m.slot_mapping, v[0].transpose(0, 1).to(flat_v.dtype))
         qf = q[0].transpose(0, 1)  # [N, H, D]
         if m.all_decodes:
-            out = torch.ops.nbtrt.paged_decode_attention(qf, self.k_cache, self.v_cache, m.block_tables,
-                                                         m.context_lens, scale, m.split)
+            args = (qf, self.k_cache, self.v_cache, m.block_tables, m.context_lens, scale)
+            out = (torch.ops.nbtrt.paged_decode_attention(*args, m.split) if m.use_kernel
+                   else paged_decode_reference(*args))
             return out.transpose(0, 1)[None]
         nd, parts = m.num_decodes, []
         if nd and m.use_kernel:
@@ -123,8 +139,8 @@ def _prelude(model: Decoder, input_ids, positions):
     return x, (model.rope(positions, x.dtype) if model.rope is not None else None)
 
 
-def _block(block, x, rope, k_cache, v_cache, slot_mapping, block_tables, context_lens, split):
-    meta = StepMeta(slot_mapping, block_tables, context_lens, split, use_kernel=True, all_decodes=True)
+def _block(block, x, rope, k_cache, v_cache, slot_mapping, block_tables, context_lens, split, use_kernel=True):
+    meta = StepMeta(slot_mapping, block_tables, context_lens, split, use_kernel=use_kernel, all_decodes=True)
     return block(x, rope, None, PagedLayerKV(k_cache, v_cache, meta), None)
 
 
@@ -152,9 +168,10 @@ class ModelRunner:
         self.buckets = [b for b in DECODE_BUCKETS if b < max_batch_size] + [max_batch_size]
         self._graphs: dict[int, SimpleNamespace] = {}
         self._graph_pool = None
-        if self.cuda_graphs:
+        self._fns = (_prelude, _block, _head)  # off CUDA: the bucketed decode runs eagerly (how CPU tests cover it)
+        if self.cuda_graphs and self.device.type == "cuda":
             opts = {"coordinate_descent_tuning": True, "triton.enable_pdl": True}
-            self._fns = tuple(torch.compile(f, dynamic=None, fullgraph=True, options=opts) for f in (_prelude, _block, _head))
+            self._fns = tuple(torch.compile(f, dynamic=None, fullgraph=True, options=opts) for f in self._fns)
 
     # -------------------------------------------------------------- host-side metadata
     def _meta(self, batch: ScheduledBatch) -> StepMeta:
@@ -178,14 +195,12 @@ class ModelRunner:
         meta.logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=dev)
         return meta
 
-    def _tables(self, tables: list[list[int]], contexts: list[int], rows: int | None = None):
-        rows = rows or len(tables)
-        t = torch.zeros(rows, self.max_blocks, dtype=torch.int32)
+    def _tables(self, tables: list[list[int]], contexts: list[int]):
+        t = np.zeros((len(tables), self.max_blocks), np.int32)
         for i, table in enumerate(tables):
-            t[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        lens = torch.zeros(rows, dtype=torch.int32)
-        lens[:len(contexts)] = torch.tensor(contexts, dtype=torch.int32)
-        return t.to(self.device, non_blocking=True), lens.to(self.device, non_blocking=True)
+            t[i, :len(table)] = table
+        return (torch.from_numpy(t).to(self.device, non_blocking=True),
+                torch.tensor(contexts, dtype=torch.int32).to(self.device, non_blocking=True))
 
     # -------------------------------------------------------------- running
     @torch.inference_mode()
@@ -211,36 +226,44 @@ class ModelRunner:
         n = len(batch.seqs)
         bucket = next(b for b in self.buckets if b >= n)
         st = self._graphs.get(bucket) or self._capture(bucket)
-        ids = [seq.tokens[seq.num_computed] for seq in batch.seqs]
-        positions = [seq.num_computed for seq in batch.seqs]
-        slots = [self.pool.slots(seq.block_table, p, p + 1)[0] for seq, p in zip(batch.seqs, positions)]
-        pad = bucket - n
-        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [0] * pad])
-        tables, lens = self._tables([s.block_table for s in batch.seqs], [p + 1 for p in positions], bucket)
-        st.ids.copy_(host[0:1], non_blocking=True)
-        st.positions.copy_(host[1:2], non_blocking=True)
-        st.slots.copy_(host[2], non_blocking=True)
-        st.tables.copy_(tables)
-        st.lens.copy_(lens)
+        bs = self.pool.block_size
+        # one pinned host buffer per bucket, two copies a step: the sample() that follows the replay
+        # waits for the step, so the buffers are free again when the next step fills them
+        inputs, tables = st.host_inputs.numpy(), st.host_tables.numpy()
+        inputs[:, n:] = 0  # padded rows: token 0 at position 0, written to the scratch slot 0, context 0
+        for i, seq in enumerate(batch.seqs):
+            p = seq.num_computed
+            table = seq.block_table
+            inputs[:, i] = (seq.tokens[p], p, table[p // bs] * bs + p % bs, p + 1)
+            tables[i, :len(table)] = table
+        st.inputs.copy_(st.host_inputs, non_blocking=True)
+        st.tables.copy_(st.host_tables, non_blocking=True)
+        if st.graph is None:
+            return self._run_static(st)[:n]
         st.graph.replay()
         return st.logits[:n].clone()
 
     def _run_static(self, st: SimpleNamespace) -> torch.Tensor:
         prelude, block, head = self._fns
         with torch._dynamo.config.patch(**{_LIMIT_KEY: DYNAMO_RECOMPILE_LIMIT}):
-            x, rope = prelude(self.model, st.ids, st.positions)
+            x, rope = prelude(self.model, st.inputs[0:1], st.inputs[1:2])
             for layer, k_cache, v_cache in zip(self.model.layers, self.pool.k, self.pool.v):
-                x = block(layer, x, rope, k_cache, v_cache, st.slots, st.tables, st.lens, self.split)
+                x = block(layer, x, rope, k_cache, v_cache, st.inputs[2], st.tables, st.inputs[3], self.split,
+                          self.use_kernel)
             return head(self.model, x, st.rows)
 
     def _capture(self, bucket: int) -> SimpleNamespace:
         dev = self.device
-        st = SimpleNamespace(ids=torch.zeros(1, bucket, dtype=torch.long, device=dev),
-                             positions=torch.zeros(1, bucket, dtype=torch.long, device=dev),
-                             slots=torch.zeros(bucket, dtype=torch.long, device=dev),
+        cuda = dev.type == "cuda"
+        # inputs rows: token ids, positions, slots, context lengths
+        st = SimpleNamespace(inputs=torch.zeros(4, bucket, dtype=torch.long, device=dev),
                              tables=torch.zeros(bucket, self.max_blocks, dtype=torch.int32, device=dev),
-                             lens=torch.zeros(bucket, dtype=torch.int32, device=dev),
+                             host_inputs=torch.zeros(4, bucket, dtype=torch.long, pin_memory=cuda),
+                             host_tables=torch.zeros(bucket, self.max_blocks, dtype=torch.int32, pin_memory=cuda),
                              rows=torch.arange(bucket, device=dev), graph=None, logits=None)
+        if not cuda:
+            self._graphs[bucket] = st
+            return st
         # warm up (compiles) on a side stream, then capture; all rows pad: they write the scratch block
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
