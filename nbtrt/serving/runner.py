@@ -37,13 +37,16 @@ _LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit
 
 
 # ------------------------------------------------------------------------------ attention
-def gather_kv(cache: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
-    """A sequence's first ``length`` keys (or values) [KV, length, D] out of the pool ``cache``."""
-    blocks = cache[torch.tensor(table[: -(-length // cache.shape[1])], device=cache.device)]
+def gather_kv(cache: torch.Tensor, table: list[int] | torch.Tensor, length: int) -> torch.Tensor:
+    """A sequence's first ``length`` keys (or values) [KV, length, D] out of the pool ``cache``;
+    ``table`` its block ids (a list, or a tensor on the cache's device)."""
+    if not torch.is_tensor(table):
+        table = torch.tensor(table, device=cache.device)
+    blocks = cache[table[: -(-length // cache.shape[1])]]
     return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length].transpose(0, 1)
 
 
-def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: list[int], context: int,
+def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table, context: int,
                     scale: float, window: int | None = None) -> torch.Tensor:
     """Attention of a sequence's ``n`` newest tokens ``q`` [H, n, D] (their keys already in the pool)
     over its ``context`` tokens: causal, shifted by the ``context - n`` tokens computed before."""
@@ -175,7 +178,8 @@ class ModelRunner:
 
     # -------------------------------------------------------------- host-side metadata
     def _meta(self, batch: ScheduledBatch) -> StepMeta:
-        ids, positions, slots, logits_rows, tables, contexts = [], [], [], [], [], []
+        ids, positions, slots, logits_rows, blocks, contexts = [], [], [], [], [], []
+        bs = self.pool.block_size
         for seq, n in zip(batch.seqs, batch.num_new):
             start, end = seq.num_computed, seq.num_computed + n
             ids += seq.tokens[start:end]
@@ -183,16 +187,23 @@ class ModelRunner:
             slots += self.pool.slots(seq.block_table, start, end)
             if end == seq.num_tokens:  # the chunk reaches the end: its last row gives the next token
                 logits_rows.append(len(ids) - 1)
-            tables.append(seq.block_table)
+            blocks.append(seq.block_table[: -(-end // bs)])
             contexts.append(end)
-        dev = self.device
-        meta = StepMeta(torch.tensor(slots, dtype=torch.long, device=dev), split=self.split, use_kernel=self.use_kernel,
+        # everything in one host tensor, one copy to the device, then views
+        N, S = len(ids), len(logits_rows)
+        host = torch.tensor(ids + positions + slots + logits_rows + [b for t in blocks for b in t], dtype=torch.long)
+        dev_all = host.to(self.device, non_blocking=True)
+        tables, at = [], 3 * N + S
+        for t in blocks:
+            tables.append(dev_all[at:at + len(t)])
+            at += len(t)
+        meta = StepMeta(dev_all[2 * N:3 * N], split=self.split, use_kernel=self.use_kernel,
                         num_decodes=batch.num_decodes, tables=tables, contexts=contexts,
                         query_lens=list(batch.num_new), window=self.window)
         if self.use_kernel and meta.num_decodes:
-            meta.block_tables, meta.context_lens = self._tables(tables[:meta.num_decodes], contexts[:meta.num_decodes])
-        meta.input_ids, meta.positions = torch.tensor([ids], device=dev), torch.tensor([positions], device=dev)
-        meta.logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=dev)
+            meta.block_tables, meta.context_lens = self._tables(blocks[:meta.num_decodes], contexts[:meta.num_decodes])
+        meta.input_ids, meta.positions = dev_all[:N][None], dev_all[N:2 * N][None]
+        meta.logits_indices = dev_all[3 * N:3 * N + S]
         return meta
 
     def _tables(self, tables: list[list[int]], contexts: list[int]):
