@@ -29,7 +29,7 @@ PHASE_COLORS = {"queued": "#c7c7c7", "prefill": "#ff7f0e", "decode": "#1f77b4"}
 class StatsSampler:
     """Poll ``llm.stats()`` from a thread every ``every_s`` seconds while a burst runs."""
 
-    def __init__(self, llm, every_s: float = 0.002):
+    def __init__(self, llm, every_s: float = 0.005):
         self.llm, self.every_s, self.samples = llm, every_s, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nbtrt-stats-sampler", daemon=True)
@@ -79,7 +79,7 @@ class Burst:
 
 
 def run_burst(server, requests: list[tuple[str, int]], *, waves_of: int | None = None, name: str | None = None,
-              chat: bool = True, sample_every_s: float = 0.002) -> Burst:
+              chat: bool = True, sample_every_s: float = 0.005) -> Burst:
     """Send ``requests`` (``(text, max_tokens)`` pairs, greedy, streamed) to ``server`` (a
     :class:`~nbtrt.server.run.ServerHandle`) all at once — or, with ``waves_of=B``, as static
     batching does: B at a time, the next B only when all of the previous B have finished.
@@ -158,18 +158,16 @@ def _on_steps(b: Burst, t0: float) -> Burst:
         r["first_step"] = max(step_at(r["first_token"]), r["scheduled_step"] + 1)  # prefill takes >= 1 step
         r["finish_step"] = max(step_at(r["finish"]), r["first_step"])
     b.steps = max((r["finish_step"] for r in b.requests), default=0)
-    kv = {}
-    for s in b.samples:
-        step = s["steps"] - step0
-        kv[step] = max(kv.get(step, 0), s["kv_blocks_used"])
+    kv: dict[int, int] = {}
+    for s in b.samples:  # the first sample after a step: finished requests retired, the next ones not yet admitted
+        kv.setdefault(s["steps"] - step0, s["kv_blocks_used"])
     total = b.samples[-1]["kv_blocks_total"]
-    b.per_step = [{"step": s,
-                   "running": sum(r["scheduled_step"] <= s < r["finish_step"] for r in b.requests),
-                   "waiting": sum(s < r["scheduled_step"] for r in b.requests),
-                   "kv_used": kv.get(s, 0), "kv_total": total} for s in range(b.steps + 1)]
-    last = 0
-    for row in b.per_step:  # steps between two samples keep the last count seen
-        row["kv_used"] = last = row["kv_used"] or (last if row["running"] else 0)
+    b.per_step, last = [], 0
+    for s in range(b.steps + 1):
+        last = kv.get(s, last)  # a step no sample fell in keeps the count seen before it
+        b.per_step.append({"step": s, "running": sum(r["scheduled_step"] <= s < r["finish_step"] for r in b.requests),
+                           "waiting": sum(s < r["scheduled_step"] for r in b.requests), "kv_used": last,
+                           "kv_total": total})
     return b
 
 
