@@ -126,6 +126,9 @@ class PagedLayerKV:
         if nd and m.use_kernel:
             parts.append(torch.ops.nbtrt.paged_decode_attention(
                 qf[:nd], self.k_cache, self.v_cache, m.block_tables, m.context_lens, scale, m.split))
+        elif nd and m.window is None:  # the kernel's plain torch twin: one batched gather, not one per sequence
+            parts.append(paged_decode_reference(qf[:nd], self.k_cache, self.v_cache, m.block_tables, m.context_lens,
+                                                scale))
         elif nd:
             parts.append(paged_attention_reference(qf[:nd], self.k_cache, self.v_cache, m.tables[:nd],
                                                    m.contexts[:nd], [1] * nd, scale, m.window))
@@ -200,14 +203,15 @@ class ModelRunner:
         meta = StepMeta(dev_all[2 * N:3 * N], split=self.split, use_kernel=self.use_kernel,
                         num_decodes=batch.num_decodes, tables=tables, contexts=contexts,
                         query_lens=list(batch.num_new), window=self.window)
-        if self.use_kernel and meta.num_decodes:
+        if meta.num_decodes:
             meta.block_tables, meta.context_lens = self._tables(blocks[:meta.num_decodes], contexts[:meta.num_decodes])
         meta.input_ids, meta.positions = dev_all[:N][None], dev_all[N:2 * N][None]
         meta.logits_indices = dev_all[3 * N:3 * N + S]
         return meta
 
     def _tables(self, tables: list[list[int]], contexts: list[int]):
-        t = np.zeros((len(tables), self.max_blocks), np.int32)
+        """Block tables as wide as the longest (the kernel reads no further than each context)."""
+        t = np.zeros((len(tables), max(map(len, tables))), np.int32)
         for i, table in enumerate(tables):
             t[i, :len(table)] = table
         return (torch.from_numpy(t).to(self.device, non_blocking=True),
