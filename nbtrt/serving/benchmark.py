@@ -210,5 +210,27 @@ def add_cli(sub) -> None:
     p.set_defaults(run=run)
 
 
-def load_result(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+def latest_gpu(directory: str | Path = RESULTS) -> dict | None:
+    """The newest committed ``benchmarks/serving_gpu.py`` result (``serving_gpu*.json``), or None."""
+    paths = sorted(Path(directory).glob("serving_gpu*.json"))
+    return json.loads(paths[-1].read_text()) if paths else None
+
+
+def gpu_rows(R: dict) -> list[dict]:
+    """Static vs in-flight rows of a ``benchmarks/serving_gpu.py`` result."""
+    s, i = R["static"], R["inflight"]
+    out = []
+    for key in sorted(k for k in i if k.startswith("sharegpt")):
+        st = s.get(key)
+        out.append({"workload": f"ShareGPT-like {key[8:]} requests",
+                    "static req/s": round(st["requests_per_s"], 2) if st else None,
+                    "in-flight req/s": round(i[key]["requests_per_s"], 2),
+                    "static tok/s": round(st["tokens_per_s"]) if st else None,
+                    "in-flight tok/s": round(i[key]["output_tokens_per_s"]),
+                    "in-flight TTFT P50 s": round(i[key]["ttft_s"]["p50"], 2)})
+    f = i["fixed128_full_load"]
+    out.append({"workload": f"fixed 128/128, {f['num_requests']} requests", "in-flight tok/s": round(f["output_tokens_per_s"])})
+    out.append({"workload": "batch 1, 128/128", "static tok/s": round(s["batch1"]["tokens_per_s"], 1),
+                "in-flight tok/s": round(i["batch1"]["tokens_per_s"], 1)})
+    out.append({"workload": f"greedy agreement with the static engine: {100 * i['greedy_agreement']:.2f}% of tokens"})
+    return out
