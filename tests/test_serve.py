@@ -377,3 +377,41 @@ def test_load_64_streaming_clients(tiny):
     assert httpx.get(tiny.server.base + "/health").status_code == 200
     m = wait_idle(tiny.server.base)
     assert m["nbtrt_time_to_first_token_seconds_count"] >= len(requests) + len(unique)
+
+
+# ---------------------------------------------------------------------------- the notebook
+@pytest.mark.browser
+@pytest.mark.slow
+def test_notebook_in_the_browser(tmp_path):
+    """06_serve.ipynb in JupyterLab + Chromium: it runs without errors, the answer streams into the
+    cell, and the static vs in-flight figure is drawn with its request bars."""
+    import shutil
+    from pathlib import Path
+
+    from browser.lab import browser_page, cell_errors, jupyter_lab, open_notebook, run_all, shutdown_kernels, \
+        wait_until_done
+
+    root = Path(__file__).resolve().parents[1]
+    shots = root / "build" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "notebooks" / "06_serve.ipynb", tmp_path / "06_serve.ipynb")  # JupyterLab autosaves
+    with jupyter_lab(tmp_path, shots / "jupyterlab-06.log") as (url, token), browser_page() as page:
+        try:
+            open_notebook(page, url, token, "06_serve.ipynb")
+            run_all(page)
+            wait_until_done(page, 600)
+            assert cell_errors(page) == [], "06_serve.ipynb raised in the browser"
+            figures = page.evaluate(
+                "() => [...document.querySelectorAll('.js-plotly-plot')].map(g => ({"
+                " title: (g.layout && g.layout.title && g.layout.title.text) || '',"
+                " bars: g.querySelectorAll('.barlayer .point').length}))")
+            compare = [f for f in figures if "static" in f["title"] and "in-flight" in f["title"]]
+            assert compare and compare[0]["bars"] > 0, figures
+            page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / "06_serve-static-vs-inflight.png"))
+            # JupyterLab renders only the cells in view: go back to the top for the streamed answer
+            page.locator(".jp-WindowedPanel-outer").first.evaluate("el => el.scrollTop = 0")
+            page.wait_for_function("() => document.querySelector('.jp-Notebook').innerText.includes('CompletionUsage')",
+                                   timeout=30_000)
+        finally:
+            shutdown_kernels(url, token)
