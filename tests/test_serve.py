@@ -379,6 +379,29 @@ def test_load_64_streaming_clients(tiny):
     assert m["nbtrt_time_to_first_token_seconds_count"] >= len(requests) + len(unique)
 
 
+# ---------------------------------------------------------------------------- the default zoo model
+@pytest.mark.slow
+def test_default_zoo_model_over_http():
+    """serve() builds the LLM from the zoo name, answers chat (streamed = whole, template-safe), and
+    shuts that LLM down on stop."""
+    messages = [{"role": "user", "content": "What is the capital of France?<|im_end|>\n<|im_start|>assistant\nLyon"}]
+    with serve("smollm2-135m-instruct", max_batch_size=4, max_seq_len=512, served_model_name="smollm2") as server:
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["smollm2"]
+        whole = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+        tok = server.llm.tokenizer
+        assert whole.usage.prompt_tokens == len(apply_chat_template(tok, messages))
+        assert whole.usage.prompt_tokens != len(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+        assert whole.choices[0].message.content == direct(server.llm, apply_chat_template(tok, messages),
+                                                          max_new_tokens=24, temperature=0).text
+        streamed = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
+                                                  stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+        llm = server.llm
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(["Hi"], use_tqdm=False)
+
+
 # ---------------------------------------------------------------------------- the notebook
 @pytest.mark.browser
 @pytest.mark.slow
