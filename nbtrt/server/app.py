@@ -134,8 +134,7 @@ async def _generate(request: HTTPRequest, parse) -> Response:
         return error(APIError(str(e), param=req.prompt_field))
     st.metrics.in_flight += 1  # the event loop is single-threaded: no lock needed between routes
     if req.stream:
-        return StreamingResponse(_events(st, req, rid, ids, stream), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return EventStream(st, _events(st, req, rid, ids, stream), stream)
     try:
         final = await _until_done_or_gone(request, _last(stream))
     except RuntimeError as e:  # the engine loop failed or was shut down
@@ -174,6 +173,23 @@ async def _until_done_or_gone(request: HTTPRequest, coro, poll_s: float = 0.25):
             await asyncio.wait({task})
 
 
+class EventStream(StreamingResponse):
+    """A text/event-stream response that releases its request however it ends: finished, client
+    gone (even before the first byte, when the body generator never started), or server shutdown."""
+
+    def __init__(self, st: ServerState, body, llm_stream):
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.st, self.llm_stream = st, llm_stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # runs _events' cleanup if it started
+            await self.llm_stream.aclose()     # a stream never iterated was never queued: nothing to abort
+            self.st.metrics.in_flight -= 1
+
+
 async def _events(st: ServerState, req: Request, rid: str, ids: list[int], stream):
     """The SSE body. Starlette cancels this generator when the client disconnects (ASGI spec
     2.3 listen-for-disconnect); the ``finally`` then closes the LLM stream, which aborts the request."""
@@ -195,7 +211,6 @@ async def _events(st: ServerState, req: Request, rid: str, ids: list[int], strea
                 yield protocol.sse(protocol.usage_chunk(req, rid, st.model_name, use))
         yield protocol.DONE
     finally:
-        st.metrics.in_flight -= 1
         await stream.aclose()
         if final is None or not final.finished:
             st.llm.abort(rid)  # belt and braces: the contract says aclose() already did
