@@ -118,8 +118,10 @@ def main(argv=None) -> int:
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     latency = [r["latency"] for r in results]
     tokens = sum(r["tokens"] for r in results)
+    m = machine()
     out = {
-        "machine": {**(m := machine()), "device": m["gpu"] or f"cpu ({m['cpu_count']} cores)", "load_average_before_1_5_15": [round(v, 2) for v in before]},
+        "machine": {**m, "device": m["gpu"] or f"cpu ({m['cpu_count']} cores)",
+                    "load_average_before_1_5_15": [round(v, 2) for v in before]},
         "settings": {"model": args.model or "tiny random-weight LlamaForCausalLM (hidden 64, SmolLM2 tokenizer)",
                      "requests": args.requests, "concurrency": args.concurrency, "max_tokens": f"4..{args.max_tokens}",
                      "max_batch_size": args.max_batch_size, "streaming": True, "greedy": True,
