@@ -301,15 +301,28 @@ def test_remote_binding_needs_the_flag_and_warns(tiny):
 
 
 def test_stop_leaves_no_thread_or_port(tiny):
-    server = serve(tiny.llm)
-    port, thread_name = server.port, f"nbtrt-serve-{server.port}"
-    assert httpx.get(server.base + "/health").status_code == 200
-    server.stop()
+    with nbtrt.LLM(tiny.src, max_batch_size=1, max_seq_len=4096, num_blocks=300, verbose=False) as llm:
+        server = serve(llm)
+        port, thread_name = server.port, f"nbtrt-serve-{server.port}"
+        assert httpx.get(server.base + "/health").status_code == 200
+        body = {"model": llm.model_name, "prompt": PROMPTS[0], "max_tokens": 4000, "stream": True}
+        with httpx.stream("POST", server.url + "/completions", json=body) as r:  # a client still streaming
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            t0 = time.monotonic()
+            server.stop()  # aborts the running request: its stream ends properly
+            assert time.monotonic() - t0 < 8
+            events = [json.loads(x[6:]) if x != "data: [DONE]" else x for x in lines if x]
+            assert events[-1] == "data: [DONE]" and events[-2]["choices"][0]["finish_reason"] == "abort"
+        assert server.app.state.server.metrics.finished["abort"] == 1
+        assert llm.stats()["running"] == 0 and llm.stats()["kv_blocks_used"] == 0
     assert thread_name not in {t.name for t in threading.enumerate()}
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health")
-    with socket.socket() as s:  # the port is free again
+    with socket.socket() as s:  # nothing listens there any more (SO_REUSEADDR: the closed stream's TIME_WAIT is fine)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def test_cli_serve(tiny):

@@ -47,6 +47,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.started = int(time.time())
         self.recent: OrderedDict[str, dict] = OrderedDict()  # request id -> the LLM's metrics, for timelines
+        self.active: set[str] = set()  # ids of requests being answered (stop() aborts them so streams end cleanly)
 
     def remember(self, rid: str, final) -> None:
         self.recent[rid] = {**(final.metrics or {}), "finish_reason": final.finish_reason}
@@ -133,14 +134,16 @@ async def _generate(request: HTTPRequest, parse) -> Response:
         st.metrics.reject("bad_request")
         return error(APIError(str(e), param=req.prompt_field))
     st.metrics.in_flight += 1  # the event loop is single-threaded: no lock needed between routes
+    st.active.add(rid)
     if req.stream:
-        return EventStream(st, _events(st, req, rid, ids, stream), stream)
+        return EventStream(st, rid, _events(st, req, rid, ids, stream), stream)
     try:
         final = await _until_done_or_gone(request, _last(stream))
     except RuntimeError as e:  # the engine loop failed or was shut down
         return error(APIError(str(e), status=503, type="server_error", code="engine_unavailable"))
     finally:
         st.metrics.in_flight -= 1
+        st.active.discard(rid)
         await stream.aclose()  # aborts the request if the client left before the end
     if final is None:  # the client left: nobody to answer
         st.metrics.observe_finished({}, "abort", 0.0)
@@ -177,9 +180,9 @@ class EventStream(StreamingResponse):
     """A text/event-stream response that releases its request however it ends: finished, client
     gone (even before the first byte, when the body generator never started), or server shutdown."""
 
-    def __init__(self, st: ServerState, body, llm_stream):
+    def __init__(self, st: ServerState, rid: str, body, llm_stream):
         super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.st, self.llm_stream = st, llm_stream
+        self.st, self.rid, self.llm_stream = st, rid, llm_stream
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -188,6 +191,7 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()  # runs _events' cleanup if it started
             await self.llm_stream.aclose()     # a stream never iterated was never queued: nothing to abort
             self.st.metrics.in_flight -= 1
+            self.st.active.discard(self.rid)
 
 
 async def _events(st: ServerState, req: Request, rid: str, ids: list[int], stream):

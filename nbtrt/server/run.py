@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 import warnings
 
 import uvicorn
@@ -94,7 +95,14 @@ class ServerHandle:
         return self._thread.is_alive() and self._server.started and not self._server.should_exit
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop serving: open streams are cut after a short grace period, their requests aborted."""
+        """Stop serving: requests still running are aborted (streams end with finish_reason "abort"
+        and ``[DONE]``), then the server closes; a stream still open after a grace period is cut."""
+        state = self.app.state.server
+        for rid in list(state.active):
+            self.llm.abort(rid)
+        deadline = time.monotonic() + 2.0
+        while state.active and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout_s)
