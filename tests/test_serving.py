@@ -42,8 +42,12 @@ def random_requests(n, seed, vocab=257, max_prompt=40, max_new=24):
 async def staggered(llm, requests, arrival_steps):
     """Each request joins once the engine has run its arrival step (some before the first step,
     some mid-run), streamed; returns the finished outputs in order."""
+    def due(at):  # its step has run, or the engine went idle before it (never wait on an idle engine)
+        st = llm.stats()
+        return st["steps"] >= at or (st["steps"] > 0 and not st["running"] and not st["waiting"])
+
     async def one(prompt, new, at):
-        while llm.stats()["steps"] < at:
+        while not due(at):
             await asyncio.sleep(0.001)
         last = None
         params = llm.sampling(max_new_tokens=new, stop_token_ids=())
@@ -62,12 +66,12 @@ def test_inflight_greedy_equals_alone(tiny, bucketed):
     arrivals = [0, 0, 0, 2, 3, 5, 8, 8, 12, 15, 20, 21, 30, 31]
     # a small token budget (chunked prefill of the longer prompts) and a pool too small for every
     # sequence at once (preemption): neither may change a greedy token
-    with nbtrt.LLM(tiny.edir, max_batch_size=6, max_num_tokens=16, block_size=4, num_blocks=40, verbose=False,
+    with nbtrt.LLM(tiny.edir, max_batch_size=6, max_num_tokens=16, block_size=4, num_blocks=24, verbose=False,
                    cuda_graphs=bucketed) as llm:
         outs = asyncio.run(staggered(llm, requests, arrivals))
         stats = llm.stats()
         llm.pool.check_no_leaks()
-    assert stats["preemptions"] > 0 and stats["steps"] > 31
+    assert stats["preemptions"] > 0, stats
     for (prompt, new), out in zip(requests, outs):
         assert out.finished and out.finish_reason == "length"
         assert out.token_ids == alone(tiny.static, prompt, new), f"request {out.request_id} differs"

@@ -39,6 +39,7 @@ def blocks_for_memory(cfg: DecoderConfig, block_size: int, dtype: torch.dtype, d
         return CPU_KV_TOKENS // block_size + 1
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
+    torch.cuda.empty_cache()  # memory the allocator holds but no tensor uses counts as free
     free, total = torch.cuda.mem_get_info(device)
     budget = gpu_memory_utilization * total - (total - free) - reserve_bytes
     blocks = int(budget // per_block)

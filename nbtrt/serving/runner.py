@@ -37,6 +37,22 @@ _LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit
 
 
 # ------------------------------------------------------------------------------ attention
+@torch.library.custom_op("nbtrt::write_kv", mutates_args=("k_cache", "v_cache"))
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store a step's keys and values ``k``/``v`` [N, KV, D] at their slots of the pool. An opaque op
+    that mutates the pool in place: traced as an in-place update of a view, Inductor copied the whole
+    pool (seen on an H100: a 17 GiB buffer per layer)."""
+    KV, D = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, KV, D).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, KV, D).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+@write_kv.register_fake
+def _(k_cache, v_cache, k, v, slot_mapping):
+    return None
+
+
 def gather_kv(cache: torch.Tensor, table: list[int] | torch.Tensor, length: int) -> torch.Tensor:
     """A sequence's first ``length`` keys (or values) [KV, length, D] out of the pool ``cache``;
     ``table`` its block ids (a list, or a tensor on the cache's device)."""
@@ -112,10 +128,7 @@ class PagedLayerKV:
 
     def attend(self, layer, q, k, v, mask, scale, cache_position):
         m = self.meta
-        KV, D = self.k_cache.shape[2], self.k_cache.shape[3]
-        flat_k, flat_v = self.k_cache.view(-1, KV, D), self.v_cache.view(-1, KV, D)
-        flat_k.index_copy_(0, m.slot_mapping, k[0].transpose(0, 1).to(flat_k.dtype))
-        flat_v.index_copy_(0, m.slot_mapping, v[0].transpose(0, 1).to(flat_v.dtype))
+        torch.ops.nbtrt.write_kv(self.k_cache, self.v_cache, k[0].transpose(0, 1), v[0].transpose(0, 1), m.slot_mapping)
         qf = q[0].transpose(0, 1)  # [N, H, D]
         if m.all_decodes:
             args = (qf, self.k_cache, self.v_cache, m.block_tables, m.context_lens, scale)
