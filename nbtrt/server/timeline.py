@@ -168,6 +168,9 @@ def _on_steps(b: Burst, t0: float) -> Burst:
         b.per_step.append({"step": s, "running": sum(r["scheduled_step"] <= s < r["finish_step"] for r in b.requests),
                            "waiting": sum(s < r["scheduled_step"] for r in b.requests), "kv_used": last,
                            "kv_total": total})
+    # one step past the end: the pool after the burst (the sample taken once every request had finished)
+    b.per_step.append({"step": b.steps + 1, "running": 0, "waiting": 0, "kv_used": b.samples[-1]["kv_blocks_used"],
+                       "kv_total": total})
     return b
 
 
