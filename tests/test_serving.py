@@ -198,33 +198,30 @@ def test_request_that_can_never_fit_is_refused_at_submit(tiny):
 def test_abort_frees_blocks_within_one_step(tiny):
     with nbtrt.LLM(tiny.edir, max_batch_size=4, block_size=4, num_blocks=64, verbose=False) as llm:
         params = llm.sampling(max_new_tokens=200, stop_token_ids=())
+        other = threading.Event()
+        llm.submit([5, 6, 7], params, on_output=lambda out: out.finished and other.set(), request_id="other")
+        seen, at_abort, aborted = [], {}, threading.Event()
 
-        async def run():
-            other = llm.generate_async([5, 6, 7], params)
-            other_task = asyncio.ensure_future(_drain(other))
-            seen = []
-            async for out in llm.generate_async([1, 2, 3, 4, 5, 6, 7, 8, 9], params, request_id="victim"):
-                seen.append((out, llm.stats()))
-                if len(seen) == 5:
-                    at_abort = llm.stats()
-                    llm.abort("victim")
-            other_task.cancel()
-            return seen, at_abort
+        def on_output(out):  # runs on the engine's loop thread: what it sees is exact
+            seen.append((out, llm.stats()))
+            if len(seen) == 5:
+                at_abort.update(llm.stats())
+                threading.Thread(target=llm.abort, args=("victim",)).start()  # from another thread
+            if out.finished:
+                aborted.set()
 
-        seen, at_abort = asyncio.run(run())
+        llm.submit([1, 2, 3, 4, 5, 6, 7, 8, 9], params, on_output=on_output, request_id="victim")
+        assert aborted.wait(10)
         last, when = seen[-1]
         assert last.finished and last.finish_reason == "abort"
-        assert when["steps"] - at_abort["steps"] <= 1
-        assert when["kv_blocks_used"] < at_abort["kv_blocks_used"]
+        assert when["steps"] - at_abort["steps"] <= 1  # the step running when abort() came, at most
+        assert when["kv_blocks_used"] < at_abort["kv_blocks_used"]  # its blocks are back already
+        assert not other.is_set()  # the other request runs on
+        llm.abort("other")
         deadline = time.monotonic() + 5
         while llm.stats()["kv_blocks_used"] and time.monotonic() < deadline:
             time.sleep(0.01)
         llm.pool.check_no_leaks()
-
-
-async def _drain(agen):
-    async for _ in agen:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -261,9 +261,11 @@ class LLM:
 
     def generate_async(self, prompt, sampling_params: SamplingParams | None = None, *, streaming: bool = True,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """An async iterator of :class:`RequestOutput` for one request: with ``streaming`` one per step
-        that produced text (``delta_text`` is new), else one when finished. Bad input raises here;
-        the request is queued when iteration starts; closing the iterator early aborts it.
+        """An async iterator of :class:`RequestOutput` for one request: with ``streaming`` one per
+        generated token (``delta_token_ids`` / ``delta_text`` are new; the text may be "" while an
+        incomplete character or a possible stop string is held back), else one when finished. Bad
+        input raises here; the request is queued when iteration starts; closing the iterator early
+        (break, ``aclose()``, a cancelled task) aborts it: its KV blocks are freed within one step.
 
         >>> async for out in llm.generate_async("Hi!", llm.sampling(max_new_tokens=8)):  # doctest: +SKIP
         ...     print(out.delta_text, end="")
