@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..generate import next_tokens
 from ..model import Decoder, dense_attention
@@ -76,6 +77,9 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if window is not None:
             mask = mask & (query - key < window)
         mask = mask[None, None]
+    if q.is_cuda:  # the kernels read the shared KV heads themselves: no copy per query head
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                              scale=scale, enable_gqa=True)[0]
     return dense_attention(q[None], k[None], v[None], mask, scale)[0]
 
 
