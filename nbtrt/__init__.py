@@ -5,5 +5,17 @@ from . import debug, plots, zoo  # noqa: E402
 from .convert import convert, mapping_table  # noqa: E402
 from .engine import Engine, build, load  # noqa: E402
 from . import quantize  # noqa: E402  (the module is callable: nbtrt.quantize(ckpt, out, fmt))
+from .generate import SamplingParams  # noqa: E402
 
-__all__ = ["__version__", "zoo", "convert", "quantize", "mapping_table", "build", "load", "Engine", "debug", "plots"]
+
+def __getattr__(name: str):
+    # the serving runtime (threads, the paged KV cache) loads on first use, not at `import nbtrt`
+    if name in ("LLM", "RequestOutput"):
+        from .serving import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'nbtrt' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "zoo", "convert", "quantize", "mapping_table", "build", "load", "Engine", "debug", "plots",
+           "LLM", "RequestOutput", "SamplingParams"]

@@ -7,7 +7,8 @@ import os
 import sys
 
 # modules that define add_cli(subparsers); each adds verbs whose handler is set with set_defaults(run=...)
-VERB_MODULES = ("nbtrt.convert", "nbtrt.quantize", "nbtrt.engine", "nbtrt.chat", "nbtrt.bench")
+VERB_MODULES = ("nbtrt.convert", "nbtrt.quantize", "nbtrt.engine", "nbtrt.chat", "nbtrt.bench", "nbtrt.server.cli")
+VERB_MODULES += ("nbtrt.serving.benchmark",)  # nbtrt bench-serving: static vs in-flight batching
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,7 +26,9 @@ more                     dequantize in the graph, then cuBLAS               ``in
 
 Other formats: W8A8 (``int8_sq``) is ``torch._int_mm`` (cuBLASLt), FP8 ``torch._scaled_mm``, at
 every row count. Decode attention (one new token a sequence) is :mod:`triton_attention`'s
-flash-decoding kernels on CUDA; prefill is SDPA. Off CUDA every path is PyTorch's.
+flash-decoding kernels on CUDA over the static cache, and :mod:`paged_attention`'s over the
+serving runtime's paged block pool (:mod:`nbtrt.serving.runner`); prefill is SDPA. Off CUDA every
+path is PyTorch's.
 
 :mod:`nvrtc` compiles the CUDA C kernels at run time; :mod:`inductor_timing` has Inductor time
 its autotuning candidates on the GPU alone (no host launch in the figure).

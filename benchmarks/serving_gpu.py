@@ -1,0 +1,203 @@
+"""Issue 29's GPU targets: in-flight batching over the paged KV cache against today's static batching,
+one process, one engine (llama-3.1-8b config, random weights, bf16).
+
+  static    the compiled TorchEngine in static batches of 64 (bench.measure, as bench.py runs it):
+            batch-1 128/128 tokens/s, ShareGPT-like 100 and 1000 requests (lengths capped at 512)
+  inflight  nbtrt.LLM over the same weights: the same requests all at once, fixed 128/128 at full
+            load, batch-1 tokens/s, a Poisson sweep of the 100-request mix, and the greedy
+            agreement of its tokens with the static engine's on 64 requests
+
+Targets (issue 29): ShareGPT-like 1000 >= 4x the static requests/s; 128/128 full load >= 15,000
+output tokens/s; batch-1 within 5% of the static engine; greedy agreement >= 99% of tokens.
+
+    python benchmarks/serving_gpu.py            # H100, ~6 minutes
+    python benchmarks/serving_gpu.py --quick    # a shrunk config, any machine, a smoke test
+
+JSON goes to ``$OUT/serving_gpu.json`` (or ``--out``); a summary is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nbtrt import bench as B  # noqa: E402
+from nbtrt.generate import SamplingParams  # noqa: E402
+from nbtrt.mapping import architecture_for  # noqa: E402
+from nbtrt.model import Decoder  # noqa: E402
+from nbtrt.serving.artifacts import engine_from_decoder, release_static_cache  # noqa: E402
+from nbtrt.serving.benchmark import poisson_arrivals, run_requests  # noqa: E402
+from nbtrt.serving.llm import LLM  # noqa: E402
+from nbtrt.testing import hf_config  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+QUICK_OVERRIDES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1024)
+
+
+def llama8b_random(quick: bool) -> Decoder:
+    """The llama-3.1-8b config (``quick``: shrunk) in bf16 on the device, its matrices N(0, 0.02)
+    (as benchmarks/gpu.py makes it)."""
+    cfg_hf = hf_config("llama-3.1-8b", **(QUICK_OVERRIDES if quick else {})).to_dict()
+    cfg = architecture_for(cfg_hf).config_from_hf(cfg_hf, "bfloat16")
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = Decoder(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    return model
+
+
+def free():
+    gc.collect()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of positions where two runs' greedy tokens agree."""
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    return same / max(1, sum(len(r) for r in b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--max-batch-size", type=int, default=256, help="in-flight: sequences a step")
+    ap.add_argument("--max-num-tokens", type=int, default=2048, help="in-flight: tokens a step")
+    ap.add_argument("--skip-static-1000", action="store_true", help="leave out the 1000-request static run (~90 s)")
+    ap.add_argument("--no-static", action="store_true", help="in-flight only (no baseline, no agreement)")
+    ap.add_argument("--requests", type=int, default=1000, help="the large ShareGPT-like mix")
+    ap.add_argument("--full-load", type=int, default=1024, help="128/128 requests at full load")
+    a = ap.parse_args()
+    out = Path(a.out or Path(os.environ.get("OUT", "benchmarks/results")) / "serving_gpu.json")
+    q = a.quick
+    cap, n_small, n_large, n_agree, agree_len = (32, 12, 48, 8, 16) if q else (512, 100, a.requests, 64, 64)
+    static_bs, full_load = (4, 64) if q else (64, a.full_load)
+    R: dict = {"machine": B.machine(), "quick": q, "settings": vars(a)}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(R, indent=1, default=str))
+        os.replace(tmp, out)
+
+    t_start = time.perf_counter()
+    model = llama8b_random(q)
+    V = model.cfg.vocab_size
+    mixes = {n: B.sharegpt_like(n, seed=0, max_input_len=cap, max_output_len=cap, batch_size=static_bs)
+             for n in (n_small, n_large)}
+    fixed1 = B.fixed(1, 128, 128, repeats=3) if not q else B.fixed(1, 16, 16, repeats=2)
+    longest = 2 * cap + 8
+    engine = engine_from_decoder(model, max_batch_size=static_bs, max_seq_len=longest, compile=DEV.type == "cuda",
+                                 warmup=not a.no_static)
+    R["compile_s"] = {"static": round(time.perf_counter() - t_start, 1)}
+
+    # ---------------------------------------------------------------- static batching (today)
+    runner = B.engine_runner(engine)
+    R["static"] = {}
+    agree_prompts = mixes[n_small].prompts(V)[:n_agree]
+    if not a.no_static:
+        R["static"]["batch1"] = B.measure(runner, fixed1, V)
+        for n, mix in mixes.items():
+            if n == n_large and a.skip_static_1000:
+                continue
+            R["static"][f"sharegpt{n}"] = B.measure(runner, mix, V, warmup=0 if n == n_large else 1)
+        static_tokens = [t for i in range(0, n_agree, static_bs) for t in engine.generate(
+            input_ids=agree_prompts[i:i + static_bs], max_new_tokens=agree_len, stop_token_ids=())]
+        save()
+    release_static_cache(engine)
+    free()
+
+    # ---------------------------------------------------------------- in-flight batching
+    t = time.perf_counter()
+    llm = LLM(engine, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, max_seq_len=longest,
+              max_input_len=longest)
+    R["compile_s"]["inflight"] = round(time.perf_counter() - t, 1)
+    R["kv_pool"] = {"blocks": llm.pool.capacity, "block_size": llm.pool.block_size,
+                    "tokens": llm.pool.capacity * llm.pool.block_size, "gib": llm.pool.bytes / 2 ** 30}
+    inflight = R["inflight"] = {}
+    outs = llm.generate(agree_prompts, SamplingParams(max_new_tokens=agree_len), use_tqdm=False)
+    if not a.no_static:
+        inflight["greedy_agreement"] = agreement([o.token_ids for o in outs], static_tokens)
+        inflight["greedy_exact_requests"] = sum(o.token_ids == s for o, s in zip(outs, static_tokens)) / len(outs)
+    p1 = fixed1.prompts(V)[0]
+    n1 = fixed1.lengths[0][1]
+    run_requests(llm, [p1], [n1], progress=False)  # warm-up
+    walls = [run_requests(llm, [p1], [n1], progress=False)["wall_s"] for _ in range(fixed1.repeats)]
+    inflight["batch1"] = {"tokens_per_s": n1 / float(np.median(walls)), "wall_s": walls}
+    for n, mix in mixes.items():
+        inflight[f"sharegpt{n}"] = run_requests(llm, mix.prompts(V), [m for _, m in mix.lengths],
+                                                desc=f"in-flight sharegpt {n}")
+        save()
+    full = B.fixed(full_load, 128, 128) if not q else B.fixed(full_load, 16, 16)
+    inflight["fixed128_full_load"] = run_requests(llm, full.prompts(V), [m for _, m in full.lengths],
+                                                  desc=f"in-flight {full_load} x 128/128")
+    base_rate = inflight[f"sharegpt{n_small}"]["requests_per_s"]
+    mix = mixes[n_small]
+    inflight["poisson"] = []
+    for frac in (0.25, 0.5, 1.0):
+        rate = frac * base_rate
+        r = run_requests(llm, mix.prompts(V), [m for _, m in mix.lengths], poisson_arrivals(len(mix.lengths), rate),
+                         desc=f"in-flight poisson {rate:.1f} req/s")
+        inflight["poisson"].append({"rate": rate, **r})
+        save()
+    inflight["stats"] = llm.stats()
+    if DEV.type == "cuda":
+        inflight["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    llm.shutdown()
+    R["total_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(summary(R))
+    print(f"wrote {out}")
+
+
+def summary(R: dict) -> str:
+    s, i = R["static"], R["inflight"]
+    lines = [f"device: {R['machine'].get('gpu') or 'cpu'}  date: {R['machine']['date']}  total {R['total_s']} s  "
+             f"compile {R['compile_s']}", f"KV pool: {R['kv_pool']}"]
+    for key in [k for k in i if k.startswith("sharegpt")]:
+        ri = i[key]["requests_per_s"]
+        st = s.get(key)
+        base = f"static {st['requests_per_s']:.2f} req/s {st['tokens_per_s']:.0f} tok/s -> " if st else "static: not run -> "
+        ratio = f" = {ri / st['requests_per_s']:.2f}x" if st else ""
+        lines.append(f"{key}: {base}in-flight {ri:.2f} req/s {i[key]['output_tokens_per_s']:.0f} tok/s{ratio}  "
+                     f"TTFT p50 {i[key]['ttft_s']['p50']:.2f}s ITL p99 {1e3 * i[key]['itl_s']['p99']:.1f}ms "
+                     f"(target 1000: >= 4x)")
+    f = i["fixed128_full_load"]
+    lines.append(f"fixed 128/128 full load: {f['output_tokens_per_s']:.0f} output tok/s, peak KV blocks "
+                 f"{f['kv_blocks']['peak']} (target >= 15000)")
+    b_i = i["batch1"]["tokens_per_s"]
+    if "batch1" in s:
+        b_s = s["batch1"]["tokens_per_s"]
+        lines.append(f"batch 1: static {b_s:.1f} tok/s, in-flight {b_i:.1f} tok/s = {b_i / b_s:.3f}x (target >= 0.95)")
+        lines.append(f"greedy agreement with the static engine: {100 * i['greedy_agreement']:.2f}% of tokens, "
+                     f"{100 * i['greedy_exact_requests']:.0f}% of requests identical (target >= 99%)")
+    else:
+        lines.append(f"batch 1: in-flight {b_i:.1f} tok/s (static not run)")
+    for p in i["poisson"]:
+        lines.append(f"poisson {p['rate']:.2f} req/s: {p['requests_per_s']:.2f} req/s served, TTFT p50 "
+                     f"{p['ttft_s']['p50']:.3f}s p99 {p['ttft_s']['p99']:.3f}s, TPOT p50 {1e3 * p['tpot_s']['p50']:.1f}ms")
+    lines.append(f"preemptions: {i['stats']['preemptions']}, peak memory {i.get('peak_memory_gib', 0):.1f} GiB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Serving: in-flight batching over a paged KV cache behind :class:`nbtrt.LLM` (nano-vllm's layout:
+``sequence`` a request's state, ``block_pool`` the KV blocks, ``scheduler`` admit / preempt / retire,
+``runner`` one model step, ``llm`` the loop and the user's entry point, ``benchmark`` static vs in-flight)."""

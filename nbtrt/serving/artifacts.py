@@ -1,0 +1,89 @@
+"""What ``nbtrt.LLM(model)`` serves: any of a zoo name, a HF directory, an nbtrt checkpoint, an engine
+directory or a loaded :class:`~nbtrt.engine.Engine`, taken through convert and build as far as
+needed, once: the checkpoint and the engine are cached under ``work_dir`` by a key of their
+source and options, and reused by the next ``LLM`` of the same model.
+
+>>> engine = resolve_engine("smollm2-135m-instruct", "torch", work_dir="work/llm")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..engine import ENGINE_JSON, Engine, build, load
+
+DEFAULT_INPUT_LEN, DEFAULT_SEQ_LEN = 1024, 2048  # the engine builder's defaults
+
+
+def default_work_dir() -> Path:
+    """``$NBTRT_CACHE/llm`` (``~/.cache/nbtrt/llm``): where converted and built artifacts are kept."""
+    return Path(os.environ.get("NBTRT_CACHE") or Path.home() / ".cache" / "nbtrt") / "llm"
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _load(edir: Path, backend: str, device: str | None, dtype: str | None) -> Engine:
+    if backend == "torch":  # the LLM runs its own compiled step: the engine's static warm-up is not needed
+        return load(edir, device=device, dtype=dtype, warmup=False)
+    return load(edir)
+
+
+def resolve_engine(model, backend: str = "torch", *, work_dir: str | Path | None = None, device: str | None = None,
+                   dtype: str | None = None, max_batch_size: int = 64, max_input_len: int | None = None,
+                   max_seq_len: int | None = None) -> Engine:
+    """The engine for ``model`` (see the module docstring); a torch engine is loaded on ``device``
+    in ``dtype``."""
+    from ..config import load_checkpoint_config
+    from ..convert import convert, resolve_source
+
+    if isinstance(model, Engine):
+        return model
+    path = Path(model).expanduser() if not isinstance(model, str) or Path(model).expanduser().exists() else None
+    if path is not None and (path / ENGINE_JSON).is_file():
+        manifest = json.loads((path / ENGINE_JSON).read_text())
+        if manifest.get("backend") != backend and backend != "torch":
+            raise ValueError(f"{path} is a {manifest.get('backend')!r} engine, not {backend!r}; pass backend="
+                             f"{manifest.get('backend')!r} or a checkpoint / HF model to build from")
+        return _load(path, manifest.get("backend"), device, dtype)
+    work = Path(work_dir) if work_dir is not None else default_work_dir()
+    is_ckpt = path is not None and (path / "config.json").is_file() and \
+        "decoder" in json.loads((path / "config.json").read_text())
+    if is_ckpt:
+        ckpt = path
+    else:
+        src = resolve_source(model)
+        ckpt = work / f"ckpt-{src.name}-{_key(str(src.resolve()))}"
+        if not ckpt.is_dir():
+            convert(src, ckpt, dtype="float32")
+    cfg, meta = load_checkpoint_config(ckpt)
+    seq_len = max_seq_len or min(DEFAULT_SEQ_LEN, cfg.max_position_embeddings or DEFAULT_SEQ_LEN)
+    input_len = min(max_input_len or DEFAULT_INPUT_LEN, seq_len)
+    opts = {"dtype": dtype} if dtype and backend != "torch" else {}
+    batch = max_batch_size
+    edir = work / f"engine-{backend}-{ckpt.name}-{_key(str(ckpt.resolve()), meta.get('content_sha256'), batch, input_len, seq_len, opts)}"
+    if not (edir / ENGINE_JSON).is_file():
+        build(ckpt, edir, backend=backend, max_batch_size=batch, max_input_len=input_len, max_seq_len=seq_len,
+              **opts)
+    return _load(edir, backend, device, dtype)
+
+
+def engine_from_decoder(model, *, max_batch_size: int = 1, max_seq_len: int = 2048, **options) -> Engine:
+    """A torch engine around an in-memory decoder (random weights for benchmarks, tests); the one
+    place the serving package imports the torch runtime.
+
+    >>> llm = nbtrt.LLM(engine_from_decoder(decoder, max_seq_len=512))  # doctest: +SKIP
+    """
+    from ..runtimes.torch_engine import TorchEngine
+
+    return TorchEngine.from_decoder(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len, **options)
+
+
+def release_static_cache(engine: Engine) -> None:
+    """Free a torch engine's static KV cache and its CUDA graphs (after static batching, before a
+    paged pool takes the memory); the next ``begin`` allocates them again."""
+    if getattr(engine, "backend", None) == "torch":
+        engine.cache, engine._kv, engine._static, engine._prefill_static, engine._pool = None, [], {}, {}, None

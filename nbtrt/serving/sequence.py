@@ -1,0 +1,82 @@
+"""A request's state while the scheduler serves it: its tokens, where its KV lives, how far the
+model has read it, and what it has sent back.
+
+``num_computed`` counts the tokens whose keys and values are in the cache. A step feeds
+``tokens[num_computed:num_computed + n]``; when that reaches the end of ``tokens`` the step's
+logits give the next token. Prefill and decode are the same thing seen this way: a prompt is
+fed in chunks, a decode feeds one token. Preemption (recompute) frees the blocks and sets
+``num_computed`` back to 0: the sequence's prompt and the tokens it generated are fed again.
+
+>>> seq = Sequence("r1", [1, 2, 3], SamplingParams(max_new_tokens=4))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..generate import Detokenizer, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted
+    RUNNING = "running"  # holds blocks; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    detokenizer: Detokenizer | None = None
+    on_output: Callable[["Sequence", list[int], str], None] | None = None  # called by the loop after a step
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+    arrival_time: float = field(default_factory=time.perf_counter)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        """What the model reads: the prompt and every generated token."""
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to feed before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens this sequence can ever hold in the cache (prompt + all but the last output)."""
+        return len(self.prompt) + self.params.max_new_tokens - 1
+
+    def metrics(self) -> dict:
+        n = len(self.output)
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival_time
+        tpot = None
+        if self.finish_time is not None and self.first_token_time is not None and n > 1:
+            tpot = (self.finish_time - self.first_token_time) / (n - 1)
+        queued = None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
+        return {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                "finish_time": self.finish_time, "ttft_s": ttft, "tpot_s": tpot, "queued_s": queued,
+                "num_prompt_tokens": len(self.prompt), "num_generated_tokens": n, "preemptions": self.preemptions}

@@ -1,0 +1,280 @@
+"""In-flight batching over the paged KV cache (nbtrt.serving), on the CPU with tiny random-weight
+models of real architectures: every greedy output equals the same request run alone through the
+static engine (fp32, token for token), whatever joins or leaves the batch around it; chunked
+prefill, preemption and cancellation change nothing and leak no block."""
+import asyncio
+import random
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import nbtrt
+from nbtrt._io import copy_tokenizer_files
+from nbtrt.generate import GenerationError
+from nbtrt.model import dense_attention
+from nbtrt.serving.runner import paged_attention_reference
+from nbtrt.testing import tiny_hf_model
+
+
+@pytest.fixture(scope="module", params=["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def tiny(request, tmp_path_factory):
+    """A tiny model's torch engine directory (fp32) and the static engine loaded from it."""
+    root = tmp_path_factory.mktemp(f"serving-{request.param}")
+    src = tiny_hf_model(request.param, root / "hf")
+    ckpt = nbtrt.convert(src, root / "ckpt")
+    edir = nbtrt.build(ckpt, root / "engine", backend="torch", max_batch_size=1, max_input_len=128, max_seq_len=256)
+    return SimpleNamespace(root=root, src=src, ckpt=ckpt, edir=edir, static=nbtrt.load(edir))
+
+
+def alone(static, prompt, max_new_tokens):
+    """The reference: the request on its own through the static engine's generation loop."""
+    return static.generate(input_ids=[prompt], max_new_tokens=max_new_tokens, stop_token_ids=())[0]
+
+
+def random_requests(n, seed, vocab=257, max_prompt=40, max_new=24):
+    g = random.Random(seed)
+    return [([g.randrange(vocab) for _ in range(g.randint(1, max_prompt))], g.randint(1, max_new)) for _ in range(n)]
+
+
+async def staggered(llm, requests, arrival_steps):
+    """Each request joins once the engine has run its arrival step (some before the first step,
+    some mid-run), streamed; returns the finished outputs in order."""
+    def due(at):  # its step has run, or the engine went idle before it (never wait on an idle engine)
+        st = llm.stats()
+        return st["steps"] >= at or (st["steps"] > 0 and not st["running"] and not st["waiting"])
+
+    async def one(prompt, new, at):
+        while not due(at):
+            await asyncio.sleep(0.001)
+        last = None
+        params = llm.sampling(max_new_tokens=new, stop_token_ids=())
+        async for out in llm.generate_async(prompt, params):
+            last = out
+        return last
+
+    return await asyncio.gather(*(one(p, n, at) for (p, n), at in zip(requests, arrival_steps)))
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["eager-decode", "bucketed-decode"])
+def test_inflight_greedy_equals_alone(tiny, bucketed):
+    """``bucketed``: decode-only steps through the static, padded buffers the CUDA graphs replay
+    (run eagerly on the CPU, with the decode kernel's plain torch twin)."""
+    requests = random_requests(14, seed=1)
+    arrivals = [0, 0, 0, 2, 3, 5, 8, 8, 12, 15, 20, 21, 30, 31]
+    # a small token budget (chunked prefill of the longer prompts) and a pool too small for every
+    # sequence at once (preemption): neither may change a greedy token
+    with nbtrt.LLM(tiny.edir, max_batch_size=6, max_num_tokens=16, block_size=4, num_blocks=24, verbose=False,
+                   cuda_graphs=bucketed) as llm:
+        outs = asyncio.run(staggered(llm, requests, arrivals))
+        stats = llm.stats()
+        llm.pool.check_no_leaks()
+    assert stats["preemptions"] > 0, stats
+    for (prompt, new), out in zip(requests, outs):
+        assert out.finished and out.finish_reason == "length"
+        assert out.token_ids == alone(tiny.static, prompt, new), f"request {out.request_id} differs"
+
+
+def test_chunked_prefill_equals_unchunked(tiny):
+    requests = random_requests(6, seed=2, max_prompt=100)
+    results = []
+    for budget in (5, 512):
+        with nbtrt.LLM(tiny.edir, max_batch_size=4, max_num_tokens=budget, verbose=False) as llm:
+            results.append([o.token_ids for o in llm.generate(
+                [p for p, _ in requests], [llm.sampling(max_new_tokens=n, stop_token_ids=()) for _, n in requests],
+                use_tqdm=False)])
+    assert results[0] == results[1]
+    assert results[1] == [alone(tiny.static, p, n) for p, n in requests]
+
+
+def test_paged_attention_reference_matches_dense():
+    torch.manual_seed(0)
+    H, KV, D, bs = 4, 2, 16, 4
+    k_cache, v_cache = torch.randn(20, bs, KV, D), torch.randn(20, bs, KV, D)
+    contexts, query_lens = [7, 1, 13], [3, 1, 13]
+    tables, free = [], list(range(1, 20))
+    random.Random(0).shuffle(free)  # blocks in no particular order
+    for c in contexts:
+        tables.append([free.pop() for _ in range(-(-c // bs))])
+    q = torch.randn(sum(query_lens), H, D)
+    got = paged_attention_reference(q, k_cache, v_cache, tables, contexts, query_lens, 0.25)
+    start = 0
+    for table, c, n in zip(tables, contexts, query_lens):
+        k = k_cache[table].reshape(-1, KV, D)[:c].transpose(0, 1)[None]
+        v = v_cache[table].reshape(-1, KV, D)[:c].transpose(0, 1)[None]
+        mask = torch.arange(c)[None, :] <= torch.arange(c - n, c)[:, None]
+        want = dense_attention(q[start:start + n].transpose(0, 1)[None], k, v, mask[None, None], 0.25)[0]
+        torch.testing.assert_close(got[start:start + n], want.transpose(0, 1))
+        start += n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_kernel_matches_reference(dtype):
+    from nbtrt.kernels import paged_attention
+
+    torch.manual_seed(0)
+    H, KV, D, bs, blocks = 32, 8, 128, 16, 300
+    k_cache = torch.randn(blocks, bs, KV, D, device="cuda", dtype=dtype)
+    v_cache = torch.randn(blocks, bs, KV, D, device="cuda", dtype=dtype)
+    contexts = [1, 17, 300, 1000, 0]  # the last: a padded row
+    free = list(range(1, blocks))
+    random.Random(0).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-c // bs))] for c in contexts]
+    max_blocks = 64
+    t = torch.zeros(len(contexts), max_blocks, dtype=torch.int32)
+    for i, table in enumerate(tables):
+        t[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
+    q = torch.randn(len(contexts), H, D, device="cuda", dtype=dtype)
+    got = torch.ops.nbtrt.paged_decode_attention(q, k_cache, v_cache, t.cuda(), torch.tensor(contexts, dtype=torch.int32).cuda(),
+                                                 D ** -0.5, paged_attention.keys_per_split(max_blocks * bs))
+    live = [i for i, c in enumerate(contexts) if c]
+    want = paged_attention_reference(q[live], k_cache, v_cache, [tables[i] for i in live], [contexts[i] for i in live],
+                                      [1] * len(live), D ** -0.5)
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got[live], want, **tol)
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+
+
+def test_no_block_leaks_after_a_thousand_requests_with_cancellations_and_preemptions(tiny):
+    requests = random_requests(1000, seed=3, max_prompt=12, max_new=10)
+    g = random.Random(4)
+    cancel_after = [g.choice([None, None, None, 0, 1, 3]) for _ in requests]  # deltas before the client leaves
+    abort_from_thread = {i for i in range(len(requests)) if g.random() < 0.05}
+    start = time.perf_counter()
+    with nbtrt.LLM(tiny.edir, max_batch_size=8, max_num_tokens=24, block_size=4, num_blocks=16, verbose=False) as llm:
+        async def one(i, prompt, new):
+            await asyncio.sleep(0.0005 * (i % 50))
+            n, last = 0, None
+            agen = llm.generate_async(prompt, llm.sampling(max_new_tokens=new, stop_token_ids=()), request_id=f"r{i}")
+            async for out in agen:
+                n, last = n + 1, out
+                if i in abort_from_thread and n == 1:
+                    threading.Thread(target=llm.abort, args=(f"r{i}",)).start()
+                if cancel_after[i] is not None and n > cancel_after[i]:
+                    break  # the client leaves: closing the iterator aborts the request
+            return last
+
+        async def all_requests():
+            outs = []
+            for chunk in range(0, len(requests), 100):  # arrivals spread over the run
+                outs += await asyncio.gather(*(one(i, p, n) for i, (p, n) in
+                                               enumerate(requests[chunk:chunk + 100], start=chunk)))
+            return outs
+
+        outs = asyncio.run(all_requests())
+        deadline = time.monotonic() + 10
+        while (llm.stats()["running"] or llm.stats()["waiting"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = llm.stats()
+        assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
+        llm.pool.check_no_leaks()
+    assert stats["preemptions"] > 0
+    reasons = {o.finish_reason for o in outs if o is not None and o.finished}
+    assert {"length", "abort"} <= reasons
+    assert time.perf_counter() - start < 60
+
+
+def test_request_that_can_never_fit_is_refused_at_submit(tiny):
+    with nbtrt.LLM(tiny.edir, max_batch_size=2, block_size=4, num_blocks=6, verbose=False) as llm:  # 20 tokens
+        params = llm.sampling(max_new_tokens=15, stop_token_ids=())
+        with pytest.raises(GenerationError, match="KV cache"):
+            llm.generate([[1] * 10], params, use_tqdm=False)
+        with pytest.raises(GenerationError, match="KV cache"):
+            llm.generate_async([1] * 10, params)
+        with pytest.raises(GenerationError, match="max_input_len"):
+            llm.generate([[1] * 200], params, use_tqdm=False)
+        with pytest.raises(GenerationError, match="vocabulary"):
+            llm.generate([[1, 10**6]], params, use_tqdm=False)
+        assert llm.stats()["waiting"] == 0
+        # what fits still runs, and the pool is whole after it
+        out = llm.generate([[1] * 6], llm.sampling(max_new_tokens=10, stop_token_ids=()), use_tqdm=False)[0]
+        assert out.token_ids == alone(tiny.static, [1] * 6, 10)
+        llm.pool.check_no_leaks()
+
+
+def test_abort_frees_blocks_within_one_step(tiny):
+    with nbtrt.LLM(tiny.edir, max_batch_size=4, block_size=4, num_blocks=64, verbose=False) as llm:
+        params = llm.sampling(max_new_tokens=200, stop_token_ids=())
+        other = threading.Event()
+        llm.submit([5, 6, 7], params, on_output=lambda out: out.finished and other.set(), request_id="other")
+        seen, at_abort, aborted = [], {}, threading.Event()
+
+        def on_output(out):  # runs on the engine's loop thread: what it sees is exact
+            seen.append((out, llm.stats()))
+            if len(seen) == 5:
+                at_abort.update(llm.stats())
+                threading.Thread(target=llm.abort, args=("victim",)).start()  # from another thread
+            if out.finished:
+                aborted.set()
+
+        llm.submit([1, 2, 3, 4, 5, 6, 7, 8, 9], params, on_output=on_output, request_id="victim")
+        assert aborted.wait(10)
+        last, when = seen[-1]
+        assert last.finished and last.finish_reason == "abort"
+        assert when["steps"] - at_abort["steps"] <= 1  # the step running when abort() came, at most
+        assert when["kv_blocks_used"] < at_abort["kv_blocks_used"]  # its blocks are back already
+        assert not other.is_set()  # the other request runs on
+        llm.abort("other")
+        deadline = time.monotonic() + 5
+        while llm.stats()["kv_blocks_used"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        llm.pool.check_no_leaks()
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving-text")
+    src = tiny_hf_model("LlamaForCausalLM", root / "hf", vocab_size=49152)
+    copy_tokenizer_files(nbtrt.zoo.get("smollm2-135m-instruct"), src)
+    return src
+
+
+def test_streamed_deltas_concatenate_to_the_text(with_tokenizer, tmp_path):
+    with nbtrt.LLM(with_tokenizer, work_dir=tmp_path, max_batch_size=4, verbose=False) as llm:
+        prompts = ["Hello there, how are you?", "日本語 and emoji 👋 text", "def f(x):"]
+        params = llm.sampling(max_new_tokens=24, stop_token_ids=())
+        full = llm.generate(prompts, params, use_tqdm=False)
+
+        async def stream(p):
+            return [out async for out in llm.generate_async(p, params)]
+
+        async def streams():
+            return await asyncio.gather(*(stream(p) for p in prompts))
+
+        for outs, whole in zip(asyncio.run(streams()), full):
+            assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+            assert "".join(o.delta_text for o in outs) == whole.text == outs[-1].text
+            assert sum((o.delta_token_ids for o in outs), []) == whole.token_ids
+        static = llm.engine
+        assert [o.text for o in full] == static.generate(prompts[:1], max_new_tokens=24, stop_token_ids=()) + \
+            static.generate(prompts[1:2], max_new_tokens=24, stop_token_ids=()) + \
+            static.generate(prompts[2:], max_new_tokens=24, stop_token_ids=())
+        # a stop string ends the text before it, streamed or not
+        stop = full[0].text[3:6]
+        if stop.strip():
+            params = llm.sampling(max_new_tokens=24, stop_token_ids=(), stop_strings=[stop])
+            out = llm.generate([prompts[0]], params, use_tqdm=False)[0]
+            assert out.finish_reason == "stop" and stop not in out.text
+        one = asyncio.run(_collect(llm.generate_async(prompts[0], llm.sampling(max_new_tokens=24, stop_token_ids=()),
+                                                      streaming=False)))
+        assert len(one) == 1 and one[0].finished and one[0].delta_text == full[0].text
+
+
+async def _collect(agen):
+    return [o async for o in agen]
+
+
+def test_onnxruntime_engine_serves_static_batches(tiny):
+    if "Llama" not in tiny.root.name:
+        pytest.skip("one architecture is enough for the static path")
+    edir = nbtrt.build(tiny.ckpt, tiny.root / "engine-ort", backend="onnxruntime", max_batch_size=4,
+                       max_input_len=64, max_seq_len=128)
+    requests = random_requests(6, seed=5)
+    with nbtrt.LLM(edir, backend="onnxruntime", verbose=False) as llm:
+        assert "static batches" in repr(llm)
+        outs = llm.generate([p for p, _ in requests], llm.sampling(max_new_tokens=8, stop_token_ids=()), use_tqdm=False)
+    for (p, _), out in zip(requests, outs):
+        assert out.finish_reason == "length" and out.token_ids == alone(tiny.static, p, 8)
