@@ -35,7 +35,7 @@ from nbtrt.generate import SamplingParams  # noqa: E402
 from nbtrt.mapping import architecture_for  # noqa: E402
 from nbtrt.model import Decoder  # noqa: E402
 from nbtrt.serving.artifacts import engine_from_decoder, release_static_cache  # noqa: E402
-from nbtrt.serving.benchmark import poisson_arrivals, run_requests  # noqa: E402
+from nbtrt.bench.serving import poisson_arrivals, run_requests  # noqa: E402
 from nbtrt.serving.llm import LLM  # noqa: E402
 from nbtrt.testing import hf_config  # noqa: E402
 

@@ -135,7 +135,7 @@ class LLM:
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation in the model's chat template (see :func:`nbtrt.chat.apply_chat_template`)."""
-        from ..chat import apply_chat_template
+        from ..chat_template import apply_chat_template
 
         return apply_chat_template(self.tokenizer, messages)
 

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench import RESULTS, Workload, machine, sharegpt_like
 from ..generate import SamplingParams
+from .report import results_dir
+from .runners import machine
+from .workloads import Workload, sharegpt_like
 
 
 def percentiles(values: list[float]) -> dict | None:
@@ -112,8 +114,8 @@ def bench_serving(model, workload: Workload | None = None, rates: list[float] | 
 
     >>> result = bench_serving("smollm2-135m-instruct", sharegpt_like(16, scale=0.05), rates=[1.0])  # doctest: +SKIP
     """
-    from .artifacts import release_static_cache, resolve_engine
-    from .llm import LLM
+    from ..serving.artifacts import release_static_cache, resolve_engine
+    from ..serving.llm import LLM
 
     workload = workload or sharegpt_like(16, seed=0, scale=0.05)
     opts = {k: llm_options.pop(k) for k in ("device", "dtype", "work_dir") if k in llm_options}
@@ -198,7 +200,7 @@ def add_cli(sub) -> None:
     p.add_argument("--max-num-tokens", type=int, default=2048, help="in-flight: tokens a step")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--out", default=None, help=f"write the JSON here (e.g. {RESULTS}/serving_cpu.json)")
+    p.add_argument("--out", default=None, help="write the JSON here (e.g. benchmarks/results/serving_cpu.json)")
 
     def run(a):
         result = bench_serving(a.model, sharegpt_like(a.requests, seed=0, scale=a.scale),
@@ -210,9 +212,11 @@ def add_cli(sub) -> None:
     p.set_defaults(run=run)
 
 
-def latest_gpu(directory: str | Path = RESULTS) -> dict | None:
-    """The newest committed ``benchmarks/serving_gpu.py`` result (``serving_gpu*.json``), or None."""
-    paths = sorted(Path(directory).glob("serving_gpu*.json"))
+def latest_gpu(directory: str | Path | None = None) -> dict | None:
+    """The newest committed ``benchmarks/serving_gpu.py`` result (``serving_gpu*.json``) in
+    :func:`results_dir` (``directory``), or None."""
+    found = results_dir(directory)
+    paths = sorted(found.glob("serving_gpu*.json")) if found is not None else []
     return json.loads(paths[-1].read_text()) if paths else None
 
 
