@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
+from .._io import ArtifactError
 from ..engine import ENGINE_JSON, Engine, build, load
 
 DEFAULT_INPUT_LEN, DEFAULT_SEQ_LEN = 1024, 2048  # the engine builder's defaults
@@ -37,6 +39,7 @@ def resolve_engine(model, backend: str = "torch", *, work_dir: str | Path | None
                    max_seq_len: int | None = None) -> Engine:
     """The engine for ``model`` (see the module docstring); a torch engine is loaded on ``device``
     in ``dtype``."""
+    from ..checkpoint import verify_checkpoint
     from ..config import load_checkpoint_config
     from ..convert import convert, resolve_source
 
@@ -57,18 +60,35 @@ def resolve_engine(model, backend: str = "torch", *, work_dir: str | Path | None
     else:
         src = resolve_source(model)
         ckpt = work / f"ckpt-{src.name}-{_key(str(src.resolve()))}"
-        if not ckpt.is_dir():
-            convert(src, ckpt, dtype="float32")
+        if not _cached_ok(ckpt, verify_checkpoint):
+            convert(src, ckpt, dtype="float32", overwrite=ckpt.exists())
     cfg, meta = load_checkpoint_config(ckpt)
     seq_len = max_seq_len or min(DEFAULT_SEQ_LEN, cfg.max_position_embeddings or DEFAULT_SEQ_LEN)
     input_len = min(max_input_len or DEFAULT_INPUT_LEN, seq_len)
     opts = {"dtype": dtype} if dtype and backend != "torch" else {}
     batch = max_batch_size
     edir = work / f"engine-{backend}-{ckpt.name}-{_key(str(ckpt.resolve()), meta.get('content_sha256'), batch, input_len, seq_len, opts)}"
-    if not (edir / ENGINE_JSON).is_file():
-        build(ckpt, edir, backend=backend, max_batch_size=batch, max_input_len=input_len, max_seq_len=seq_len,
-              **opts)
+    if (edir / ENGINE_JSON).is_file():
+        try:
+            return _load(edir, backend, device, dtype)
+        except ArtifactError as e:  # ours, in nbtrt's cache: stale (an older nbtrt) or damaged
+            warnings.warn(f"rebuilding the cached engine {edir}: {e}", stacklevel=2)
+    build(ckpt, edir, backend=backend, max_batch_size=batch, max_input_len=input_len, max_seq_len=seq_len,
+          overwrite=edir.exists(), **opts)
     return _load(edir, backend, device, dtype)
+
+
+def _cached_ok(path: Path, check) -> bool:
+    """Whether the cached artifact ``path`` exists and passes ``check``; a failing one is said and
+    rebuilt by the caller (it lies in nbtrt's own cache, written by nbtrt)."""
+    if not path.exists():
+        return False
+    try:
+        check(path)
+        return True
+    except ArtifactError as e:
+        warnings.warn(f"rebuilding the cached {path}: {e}", stacklevel=3)
+        return False
 
 
 def engine_from_decoder(model, *, max_batch_size: int = 1, max_seq_len: int = 2048, **options) -> Engine:
