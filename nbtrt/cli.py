@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # modules that define add_cli(subparsers); each adds verbs whose handler is set with set_defaults(run=...)
-VERB_MODULES = ("nbtrt.convert", "nbtrt.quantize", "nbtrt.engine", "nbtrt.chat", "nbtrt.bench")
+VERB_MODULES = ("nbtrt.convert", "nbtrt.quantize", "nbtrt.engine", "nbtrt.chat", "nbtrt.bench", "nbtrt.evaluate")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
 """GPTQ on a tiny random Llama with the real SmolLM2 tokenizer and real text (the King James Bible):
 measured against round-to-nearest on the calibration inputs, the stored layout, both CPU runtimes,
 and `nbtrt eval --check-accuracy` on a correct and a deliberately broken engine."""
+import math
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ import nbtrt
 import nbtrt.quantize as nq
 from nbtrt._io import copy_tokenizer_files
 from nbtrt.checkpoint import load_checkpoint
+from nbtrt.evaluate import AccuracyCheckFailed
 from nbtrt.model import load_decoder
 from nbtrt.quantize import calib, formats
 from nbtrt.testing import tiny_hf_model
@@ -95,3 +98,48 @@ def test_gptq_checkpoint_runs_in_both_cpu_runtimes(tiny, tmp_path, backend, labe
                                     max_input_len=32, max_seq_len=40))
     got = engine.generate(input_ids=ids.tolist(), max_new_tokens=6, temperature=0.0)[0]
     assert got == expected
+
+
+# ------------------------------------------------------------------------------ nbtrt eval
+@pytest.fixture(scope="module")
+def engines(tiny, tmp_path_factory):
+    """A correct torch engine and one built from a checkpoint with the lab's gate_up_swapped bug."""
+    from nbtrt.debug import lab
+
+    src, ckpt, _ = tiny
+    root = tmp_path_factory.mktemp("eval")
+    limits = dict(backend="torch", max_batch_size=1, max_input_len=64, max_seq_len=96)
+    bad = lab.save(ckpt, "gate_up_swapped", root / "ckpt-bad")
+    return src, nbtrt.build(ckpt, root / "good", **limits), nbtrt.build(bad, root / "bad", **limits)
+
+
+EVAL_ARGS = ["--num-docs", "2", "--prompt-tokens", "32", "--max-new-tokens", "12"]
+
+
+def test_eval_check_accuracy_passes_on_a_correct_engine(engines, tmp_path, capsys):
+    from nbtrt.cli import main
+
+    src, good, _ = engines
+    out = tmp_path / "r.json"
+    assert main(["eval", str(good), str(src), *EVAL_ARGS, "--check-accuracy", "--threshold", "90",
+                 "--json", str(out)]) == 0
+    assert "accuracy check passed" in capsys.readouterr().out
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["rougeL"] >= 90 and len(r["documents"]) == 2
+    assert abs(math.log(r["perplexity_engine"] / r["perplexity_hf"])) < 1e-5  # same model, same numbers
+
+
+def test_eval_check_accuracy_fails_on_a_broken_engine(engines, capsys):
+    from nbtrt.cli import main
+
+    src, _, bad = engines
+    assert main(["eval", str(bad), str(src), *EVAL_ARGS, "--check-accuracy", "--threshold", "90"]) != 0
+    assert "accuracy check failed" in capsys.readouterr().err
+    r = nbtrt.eval(bad, src, num_docs=2, prompt_tokens=32, max_new_tokens=12)
+    assert r.exact_match < 1 and any(d.first_diff is not None for d in r.documents)
+    assert abs(math.log(r.perplexity_engine / r.perplexity_hf)) > 1e-4  # the broken model scores HF's tokens differently
+    assert r.table().rows[0]["ROUGE-L"] == r.rougeL and r.diffs()
+    with pytest.raises(AccuracyCheckFailed):
+        r.check(90)
