@@ -215,7 +215,10 @@ def eval(engine, reference: str | Path, source: str = "kjv", *, num_docs: int = 
 
     >>> r = eval("work/engine", "smollm2-135m-instruct", "kjv", num_docs=4, threshold=80)  # doctest: +SKIP
     """
-    from rouge_score import rouge_scorer
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise RuntimeError("nbtrt eval scores with the rouge-score package: pip install rouge-score") from None
 
     from .engine import Engine, load
 
