@@ -9,7 +9,7 @@ import sys
 # modules that define add_cli(subparsers); each adds verbs whose handler is set with set_defaults(run=...)
 VERB_MODULES = ("nbtrt.convert", "nbtrt.quantize", "nbtrt.engine", "nbtrt.chat", "nbtrt.bench",
                 "nbtrt.bench.serving",  # nbtrt bench-serving: static vs in-flight batching
-                "nbtrt.server.cli")
+                "nbtrt.evaluate", "nbtrt.server.cli")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -96,6 +96,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int4_awq", "int4", None, True, "INT4 group-wise with activation-aware per-channel scales (AWQ)"),
     Format("int8_sq", "int8", "int8", True, "SmoothQuant W8A8: smoothed INT8 weights and INT8 activations"),
     Format("fp8", "fp8", "fp8", True, "FP8 E4M3 weights and activations, per-tensor scales"),
+    # GPTQ (quantize/gptq.py) writes the int4_wo / int8_wo layout; these names exist to request it
+    Format("int4_gptq", "int4", None, True, "INT4 group-wise, GPTQ error-compensated rounding (stored as int4_wo)"),
+    Format("int8_gptq", "int8", None, True, "INT8 per channel, GPTQ error-compensated rounding (stored as int8_wo)"),
 )}
 KV_FORMATS = {"int8": INT8_MAX, "fp8": FP8_MAX}
 ACTIVATION_SCHEMES = ("per_token", "per_tensor")

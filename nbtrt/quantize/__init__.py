@@ -40,10 +40,11 @@ def add_cli(sub) -> None:
     p.add_argument("--exclude", nargs="*", default=[], help="linears or prefixes kept in high precision")
     p.add_argument("--lm-head", action="store_true", help="quantize lm_head too (untied models only)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation")
     p.set_defaults(run=lambda a: print(quantize(
         a.ckpt, a.out, a.fmt, a.calib, kv_cache=a.kv_cache, group_size=a.group_size, alpha=a.alpha,
         activation_scheme=a.activation_scheme, exclude=a.exclude, lm_head=a.lm_head, num_samples=a.num_samples,
-        seq_len=a.seq_len, overwrite=a.overwrite)))
+        seq_len=a.seq_len, overwrite=a.overwrite, act_order=a.act_order)))
 
 
 class _CallableModule(types.ModuleType):

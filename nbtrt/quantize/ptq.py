@@ -17,7 +17,7 @@ from ..checkpoint import check_finite, checkpoint_hash, load_checkpoint, save_ch
 from ..layouts import (ACTIVATION_SCHEMES, EPS, FORMATS, FP8_MAX, INT8_MAX, KV_FORMATS, LAYOUT_VERSION,
                       QuantizationError, check_quantized_tensors, linear_names, quantize_weight)
 from ..model import TORCH_DTYPES, decoder_from_tensors
-from . import awq, smoothquant
+from . import awq, gptq, smoothquant
 from .calib import DEFAULT_NUM_SAMPLES, DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, Calibration, calibrate
 
 DEFAULT_GROUP_SIZE = 128
@@ -69,10 +69,11 @@ def quantize(ckpt: str | Path, out: str | Path, fmt: str | None, calib: str | li
              activation_scheme: str = "per_token", exclude: tuple[str, ...] | list[str] = (), lm_head: bool = False,
              num_samples: int = DEFAULT_NUM_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
              sample_tokens: int = DEFAULT_SAMPLE_TOKENS, awq_grid: int = awq.DEFAULT_GRID, seed: int = 0,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, act_order: bool = False) -> Path:
     """Quantize an nbtrt checkpoint into a new one (written atomically); returns ``out``.
 
-    fmt: ``int8_wo`` | ``int4_wo`` | ``int4_awq`` | ``int8_sq`` | ``fp8`` | None (KV cache only).
+    fmt: ``int8_wo`` | ``int4_wo`` | ``int4_awq`` | ``int4_gptq`` | ``int8_gptq`` | ``int8_sq`` | ``fp8`` | None
+        (KV cache only). GPTQ (``act_order``: columns by decreasing activation) writes int4_wo / int8_wo tensors.
     calib: a text source (``"kjv"``, ``"stdlib"``), a list of texts, or a :class:`Calibration`
         from :func:`calibrate` on this checkpoint (reuse one pass for several formats).
         Formats without calibration (int8_wo, int4_wo, no kv_cache) never read it.
@@ -94,6 +95,10 @@ def quantize(ckpt: str | Path, out: str | Path, fmt: str | None, calib: str | li
                                 "quantize the original, unquantized checkpoint instead")
     model = decoder_from_tensors(cfg, tensors, dtype="float32")
     layers = _select(model, cfg, fmt, tuple(exclude), lm_head)
+    if fmt in gptq.LAYOUTS:  # GPTQ runs its own block-by-block pass (quantize/gptq.py)
+        return gptq.quantize_checkpoint(ckpt, out, fmt, cfg, tensors, model, layers, calib, kv_cache=kv_cache,
+                                        group_size=group_size, act_order=act_order, num_samples=num_samples,
+                                        seq_len=seq_len, seed=seed, overwrite=overwrite)
 
     cal = None
     if kv_cache or (fmt and FORMATS[fmt].needs_calibration):
