@@ -53,6 +53,7 @@ class QuantConfig(Mapping):
     kept_high_precision: list = field(default_factory=list)
     calibration: dict | None = None
     awq: dict | None = None  # int4_awq: the search grid and the chosen alphas
+    gptq: dict | None = None  # int4_gptq / int8_gptq (stored as int4_wo / int8_wo): the run's settings
     json_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)  # the keys its JSON held, in order
 
     @classmethod

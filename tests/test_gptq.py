@@ -12,7 +12,8 @@ from nbtrt._io import copy_tokenizer_files
 from nbtrt.checkpoint import load_checkpoint
 from nbtrt.evaluate import AccuracyCheckFailed
 from nbtrt.model import load_decoder
-from nbtrt.quantize import calib, formats
+from nbtrt import layouts as formats  # the tensor layouts of every format (was nbtrt.quantize.formats)
+from nbtrt.quantize import calib
 from nbtrt.testing import tiny_hf_model
 
 VOCAB = 49152  # the SmolLM2 tokenizer's
@@ -88,7 +89,7 @@ def test_gptq_writes_the_rtn_layout(tiny, label):
 def test_gptq_checkpoint_runs_in_both_cpu_runtimes(tiny, tmp_path, backend, label):
     _, _, q = tiny
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
-    reference = load_decoder(q[label], dtype="float32")  # the formats.py reference modules
+    reference = load_decoder(q[label], dtype="float32")  # the layouts.py reference modules
     with torch.no_grad():
         expected, seq = [], ids
         for _ in range(6):
