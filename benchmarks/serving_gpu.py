@@ -32,36 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nbtrt import bench as B  # noqa: E402
 from nbtrt.generate import SamplingParams  # noqa: E402
-from nbtrt.mapping import architecture_for  # noqa: E402
-from nbtrt.model import Decoder  # noqa: E402
 from nbtrt.serving.artifacts import engine_from_decoder, release_static_cache  # noqa: E402
 from nbtrt.bench.serving import poisson_arrivals, run_requests  # noqa: E402
 from nbtrt.serving.llm import LLM  # noqa: E402
-from nbtrt.testing import hf_config  # noqa: E402
-
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-QUICK_OVERRIDES = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=1024)
-
-
-def llama8b_random(quick: bool) -> Decoder:
-    """The llama-3.1-8b config (``quick``: shrunk) in bf16 on the device, its matrices N(0, 0.02)
-    (as benchmarks/gpu.py makes it)."""
-    cfg_hf = hf_config("llama-3.1-8b", **(QUICK_OVERRIDES if quick else {})).to_dict()
-    cfg = architecture_for(cfg_hf).config_from_hf(cfg_hf, "bfloat16")
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEV):
-            model = Decoder(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    return model
+from gpu import DEV, llama8b_random  # noqa: E402  (benchmarks/gpu.py: the same 8B model, N(0, 0.02) weights)
 
 
 def free():
