@@ -23,7 +23,7 @@ import torch
 from ._io import (TMP_MARKER, ArtifactError, atomic_dir, check_output, copy_tokenizer_files, eos_list, file_sha256,
                   has_tokenizer, inside, load_tokenizer, read_json, refuse_remote_code, write_json)
 from .checkpoint import checkpoint_hash, verify_checkpoint
-from .config import DecoderConfig, load_checkpoint_config
+from .config import DecoderConfig, check_dtype, load_checkpoint_config
 from .generate import (GenerationError, GenerationState, GenerationStats, SamplingParams, check_text, generate_text,
                        generate_tokens)
 from .turns import Turns, exclusive, leased_stream
@@ -332,6 +332,7 @@ def build(ckpt: str | Path, out: str | Path, *, backend: str | None = None, max_
     limits = EngineLimits(max_batch_size, max_input_len, max_seq_len)
     if cfg.position == "learned" and max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions")
+    check_dtype(options.get("dtype"))  # a typo'd precision is named before anything reads it
     check_kv_cache_fits(ckpt, cfg, limits, backend, options.get("dtype"))
     out = Path(out)
     check_output(out, (ckpt,), overwrite=overwrite)  # refuse before the (long) hash and build
