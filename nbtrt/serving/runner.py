@@ -28,13 +28,12 @@ import torch.nn.functional as F
 
 from ..generate import next_tokens
 from ..model import Decoder, dense_attention
+from ..runtimes.torch_engine import _LIMIT_KEY, DYNAMO_RECOMPILE_LIMIT  # one limit for every compiled step in a process
 from .block_pool import BlockPool
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
-DYNAMO_RECOMPILE_LIMIT = 64
-_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 # ------------------------------------------------------------------------------ attention
