@@ -58,16 +58,18 @@ async def staggered(llm, requests, arrival_steps):
     return await asyncio.gather(*(one(p, n, at) for (p, n), at in zip(requests, arrival_steps)))
 
 
-@pytest.mark.parametrize("bucketed", [False, True], ids=["eager-decode", "bucketed-decode"])
-def test_inflight_greedy_equals_alone(tiny, bucketed):
+@pytest.mark.parametrize("bucketed,tiled", [(False, False), (True, False), (False, True)],
+                         ids=["eager-decode", "bucketed-decode", "tiled-mixed"])
+def test_inflight_greedy_equals_alone(tiny, bucketed, tiled):
     """``bucketed``: decode-only steps through the static, padded buffers the CUDA graphs replay
-    (run eagerly on the CPU, with the decode kernel's plain torch twin)."""
+    (run eagerly on the CPU, with the decode kernel's plain torch twin). ``tiled``: every other step
+    through the tile kernel's host-side tiling and its plain torch twin."""
     requests = random_requests(14, seed=1)
     arrivals = [0, 0, 0, 2, 3, 5, 8, 8, 12, 15, 20, 21, 30, 31]
     # a small token budget (chunked prefill of the longer prompts) and a pool too small for every
     # sequence at once (preemption): neither may change a greedy token
     with nbtrt.LLM(tiny.edir, max_batch_size=6, max_num_tokens=16, block_size=4, num_blocks=24, verbose=False,
-                   cuda_graphs=bucketed) as llm:
+                   cuda_graphs=bucketed, tiled=tiled) as llm:
         outs = asyncio.run(staggered(llm, requests, arrivals))
         stats = llm.stats()
         llm.pool.check_no_leaks()
@@ -77,16 +79,70 @@ def test_inflight_greedy_equals_alone(tiny, bucketed):
         assert out.token_ids == alone(tiny.static, prompt, new), f"request {out.request_id} differs"
 
 
-def test_chunked_prefill_equals_unchunked(tiny):
+@pytest.mark.parametrize("tiled", [False, True], ids=["per-sequence", "tiled"])
+def test_chunked_prefill_equals_unchunked(tiny, tiled):
     requests = random_requests(6, seed=2, max_prompt=100)
     results = []
     for budget in (5, 512):
-        with nbtrt.LLM(tiny.edir, max_batch_size=4, max_num_tokens=budget, verbose=False) as llm:
+        with nbtrt.LLM(tiny.edir, max_batch_size=4, max_num_tokens=budget, verbose=False, tiled=tiled) as llm:
             results.append([o.token_ids for o in llm.generate(
                 [p for p, _ in requests], [llm.sampling(max_new_tokens=n, stop_token_ids=()) for _, n in requests],
                 use_tqdm=False)])
     assert results[0] == results[1]
     assert results[1] == [alone(tiny.static, p, n) for p, n in requests]
+
+
+def random_tiles(query_lens, contexts, per_tile, bs, num_blocks, seed=0):
+    """Block tables in no particular order and the tiles of a mixed step (as ModelRunner cuts them)."""
+    free = list(range(1, num_blocks))
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-c // bs))] for c in contexts]
+    width = max(map(len, tables))
+    rows, tiles = 0, []
+    for s, (n, c) in enumerate(zip(query_lens, contexts)):
+        for j in range(0, n, per_tile):
+            tiles.append((rows + j, min(per_tile, n - j), c - n + j + 1, s))
+        rows += n
+    t = torch.zeros(len(tiles), width, dtype=torch.int32)
+    for i, (*_, s) in enumerate(tiles):
+        t[i, :len(tables[s])] = torch.tensor(tables[s], dtype=torch.int32)
+    starts, counts, first = (torch.tensor([x[k] for x in tiles], dtype=torch.int32) for k in range(3))
+    return tables, (t, starts, counts, first)
+
+
+def test_paged_tile_reference_matches_per_sequence_reference():
+    from nbtrt.serving.runner import paged_tile_reference
+
+    torch.manual_seed(0)
+    H, KV, D, bs = 4, 2, 16, 4
+    k_cache, v_cache = torch.randn(40, bs, KV, D), torch.randn(40, bs, KV, D)
+    contexts, query_lens = [7, 1, 30, 5], [3, 1, 30, 1]
+    tables, tiles = random_tiles(query_lens, contexts, per_tile=4, bs=bs, num_blocks=40)
+    q = torch.randn(sum(query_lens), H, D)
+    got = paged_tile_reference(q, k_cache, v_cache, *tiles, 0.25)
+    want = paged_attention_reference(q, k_cache, v_cache, tables, contexts, query_lens, 0.25)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(32, 8), (14, 2), (8, 8)], ids=["gqa4", "gqa7", "mha"])
+def test_paged_tile_kernel_matches_reference(dtype, heads):
+    from nbtrt.kernels import paged_attention
+
+    torch.manual_seed(0)
+    (H, KV), D, bs = heads, 64, 16
+    k_cache = torch.randn(400, bs, KV, D, device="cuda", dtype=dtype)
+    v_cache = torch.randn(400, bs, KV, D, device="cuda", dtype=dtype)
+    contexts, query_lens = [1, 17, 300, 1000, 40, 129], [1, 17, 100, 1, 1, 129]
+    per_tile = paged_attention.tokens_per_tile(H // KV)
+    tables, tiles = random_tiles(query_lens, contexts, per_tile, bs, 400)
+    tiles = tuple(t.cuda() for t in tiles)
+    q = torch.randn(sum(query_lens), H, D, device="cuda", dtype=dtype)
+    got = torch.ops.nbtrt.paged_tile_attention(q, k_cache, v_cache, *tiles, D ** -0.5)
+    want = paged_attention_reference(q, k_cache, v_cache, tables, contexts, query_lens, D ** -0.5)
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got, want, **tol)
 
 
 def test_paged_attention_reference_matches_dense():

@@ -1,5 +1,5 @@
-"""Decode attention over a paged KV cache on CUDA, in two Triton kernels (flash-decoding through
-block tables).
+"""Attention over a paged KV cache on CUDA, in Triton: decode (flash-decoding through block tables)
+and the tiles of a mixed step (prefill chunks and decodes together).
 
 One program per (sequence, KV head, split) multiplies the query heads that share that KV head
 (padded to 16 rows for the tensor cores) with the keys of its split of the sequence's context,
@@ -8,8 +8,14 @@ a second kernel merges the splits. Scores are float32. ``context_lens`` and ``bl
 read on the device, so one captured CUDA graph serves every step of a batch size. A row of context
 length 0 (padding of a graph bucket) comes out as zeros.
 
-The plain torch path every test checks it against is
-:func:`nbtrt.serving.runner.paged_attention_reference`.
+The mixed step's kernel (:func:`paged_tile_attention`) takes the step's tokens in *tiles*: up to
+:func:`tokens_per_tile` consecutive tokens of one sequence. One program per (tile, KV head) multiplies
+the tile's tokens x the query heads sharing that KV head with the keys the tile's last token sees, each
+row masked to its own causal context, so a whole step of any mix of chunk lengths is one launch with
+every size read on the device, and the step compiles as one graph.
+
+The plain torch paths every test checks them against are
+:func:`nbtrt.serving.runner.paged_attention_reference` and :func:`~nbtrt.serving.runner.paged_decode_reference`.
 
 >>> out = torch.ops.nbtrt.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, 512)  # doctest: +SKIP
 """
@@ -105,7 +111,86 @@ def _kernels():
         b, h = seq_head // KV, seq_head % KV
         tl.store(out_ptr + b * out_sb + (h * G + g) * out_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
-    return partial_kernel, merge_kernel
+    @triton.jit
+    def tile_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, starts_ptr, counts_ptr, first_ctx_ptr, scale, G,
+                    q_sn, q_sh, o_sn, o_sh, c_slot, c_head, t_sb, BLOCK_SIZE,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        tile, h = tl.program_id(0), tl.program_id(1)
+        start = tl.load(starts_ptr + tile)  # the tile's first token: a row of q
+        count = tl.load(counts_ptr + tile)  # its tokens (<= TOKENS)
+        first_ctx = tl.load(first_ctx_ptr + tile)  # keys its first token sees (its position + 1)
+        scale = tl.cast(scale, tl.float32)
+        rows, d = tl.arange(0, ROWS), tl.arange(0, BLOCK_D)
+        t, g = rows // G, rows % G  # row = (token of the tile, query head of the group)
+        row_ok, d_ok = (t < count) & (rows < TOKENS * G), d < D
+        q = tl.load(q_ptr + (start + t)[:, None] * q_sn + (h * G + g)[:, None] * q_sh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        row_ctx = first_ctx + t
+        row_max = tl.full((ROWS,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+        hi = first_ctx + count - 1  # keys the tile's last token sees
+        for key0 in range(0, hi, BLOCK_N):
+            n = key0 + tl.arange(0, BLOCK_N)
+            n_ok = n < hi
+            block = tl.load(tables_ptr + tile * t_sb + n // BLOCK_SIZE, mask=n_ok, other=0)
+            slot = block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
+            kv_off = slot[:, None] * c_slot + h * c_head + d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.where(n[None, :] < row_ctx[:, None], scores, float("-inf"))  # causal, per row
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            base = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp(row_max - base)
+            p = tl.exp(scores - base[:, None])
+            v = tl.load(v_ptr + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            row_sum = row_sum * rescale + tl.sum(p, 1)
+            row_max = new_max
+        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
+        tl.store(out_ptr + (start + t)[:, None] * o_sn + (h * G + g)[:, None] * o_sh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    return partial_kernel, merge_kernel, tile_kernel
+
+
+TILE_ROWS = 64  # query rows (tokens x grouped heads) a tile program multiplies at once
+
+
+def tokens_per_tile(group: int) -> int:
+    """Tokens of one sequence a tile holds when ``group`` query heads share a KV head.
+
+    >>> tokens_per_tile(4), tokens_per_tile(7), tokens_per_tile(1)
+    (16, 9, 64)
+    """
+    return max(1, TILE_ROWS // group)
+
+
+def paged_tile_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                         starts: torch.Tensor, counts: torch.Tensor, first_ctx: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """``q`` [N, H, D], the step's tokens (their keys and values already in the cache); tile ``i`` holds
+    ``counts[i]`` (<= :func:`tokens_per_tile`) consecutive tokens of one sequence starting at row
+    ``starts[i]``, the first of which sees ``first_ctx[i]`` keys, through the block table ``tables[i]``
+    -> [N, H, D] in q's dtype. Every row of q belongs to exactly one tile."""
+    import triton
+
+    N, H, D = q.shape
+    block_size, KV = k_cache.shape[1], k_cache.shape[2]
+    G = H // KV
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = q.new_empty(N, H, D)
+    tile_kernel = _kernels()[2]
+    block_d = triton.next_power_of_2(D)
+    tokens = tokens_per_tile(G)
+    wrap_triton(tile_kernel)[(tables.shape[0], KV)](
+        q, k_cache, v_cache, out, tables, starts, counts, first_ctx, scale, G,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(1), k_cache.stride(2),
+        tables.stride(0), block_size,
+        D=D, BLOCK_D=block_d, TOKENS=tokens, ROWS=triton.next_power_of_2(tokens * G), BLOCK_N=BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+    return out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -125,7 +210,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     row_max = q.new_empty(B * KV * splits * G, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
     out = q.new_empty(B, H, D)
-    partial_kernel, merge_kernel = _kernels()
+    partial_kernel, merge_kernel, _ = _kernels()
     block_d = triton.next_power_of_2(D)
     wrap_triton(partial_kernel)[(B * KV, splits)](
         q, k_cache, v_cache, block_tables, context_lens, acc, row_max, row_sum, scale, KV, G, splits,
@@ -141,3 +226,4 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 if TRITON_INSTALLED:  # registering without Triton only warns, on every import
     triton_op("nbtrt::paged_decode_attention", paged_decode_attention, mutates_args=())
+    triton_op("nbtrt::paged_tile_attention", paged_tile_attention, mutates_args=())

@@ -57,7 +57,8 @@ class LLM:
     :class:`~nbtrt.engine.Engine` already loaded; whatever is missing is converted and built
     once under ``work_dir``. Options: see ``LLM_API.md`` (``max_batch_size`` sequences a step,
     ``max_num_tokens`` tokens a step, ``block_size`` / ``num_blocks`` / ``gpu_memory_utilization``
-    for the KV pool). ``cuda_graphs=False`` runs decode steps eagerly on CUDA too.
+    for the KV pool). ``cuda_graphs=False`` runs decode steps eagerly on CUDA too; ``tiled=False`` runs
+    mixed steps sequence by sequence, eagerly (the path before the tile kernel, kept to compare).
 
     >>> with nbtrt.LLM("smollm2-135m-instruct", max_batch_size=16) as llm:  # doctest: +SKIP
     ...     print(llm.generate(["Hi!"])[0].text)
@@ -67,7 +68,7 @@ class LLM:
                  max_seq_len: int | None = None, max_num_tokens: int = 2048, block_size: int = 16,
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9, device: str | None = None,
                  dtype: str | None = None, work_dir: str | Path | None = None, cuda_graphs: bool | None = None,
-                 warmup: bool = True, verbose: bool = True, batching: str | None = None):
+                 warmup: bool = True, verbose: bool = True, batching: str | None = None, tiled: bool | None = None):
         self.engine: Engine = resolve_engine(model, backend, work_dir=work_dir, device=device, dtype=dtype,
                                              max_batch_size=max_batch_size, max_input_len=max_input_len,
                                              max_seq_len=max_seq_len)
@@ -104,7 +105,7 @@ class LLM:
                 print(f"nbtrt.LLM: {self.pool.describe()} on {dev}")
             self.scheduler = Scheduler(self.pool, max_batch_size, max_num_tokens)
             self.runner = ModelRunner(self.engine.model, self.pool, max_batch_size=max_batch_size,
-                                      max_seq_len=seq_len, cuda_graphs=cuda_graphs)
+                                      max_seq_len=seq_len, cuda_graphs=cuda_graphs, tiled=tiled)
             if warmup:
                 self.runner.warmup(progress=verbose)
         self._cv = threading.Condition()
