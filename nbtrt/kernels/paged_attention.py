@@ -4,8 +4,9 @@ and the tiles of a mixed step (prefill chunks and decodes together).
 One program per (sequence, KV head, split) multiplies the query heads that share that KV head
 (padded to 16 rows for the tensor cores) with the keys of its split of the sequence's context,
 found through the sequence's block table, and keeps a running maximum and sum (online softmax);
-a second kernel merges the splits. Scores are float32. ``context_lens`` and ``block_tables`` are
-read on the device, so one captured CUDA graph serves every step of a batch size. A row of context
+the dense decode's second kernel (:mod:`nbtrt.kernels.triton_attention`) merges the splits. Scores
+are float32. ``context_lens`` and ``block_tables`` are read on the device, so one captured CUDA graph
+serves every step of a batch size. A row of context
 length 0 (padding of a graph bucket) comes out as zeros.
 
 The mixed step's kernel (:func:`paged_tile_attention`) takes the step's tokens in *tiles*: up to
@@ -94,24 +95,6 @@ def _kernels():
         tl.store(sum_ptr + part, row_sum, mask=row_ok)
 
     @triton.jit
-    def merge_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, G, SPLITS, out_sb, out_sh, KV,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
-        seq_head, g = tl.program_id(0), tl.program_id(1)
-        sp, d = tl.arange(0, BLOCK_SPLITS), tl.arange(0, BLOCK_D)
-        sp_ok = sp < SPLITS
-        part = (seq_head * SPLITS + sp) * G + g
-        split_max = tl.load(max_ptr + part, mask=sp_ok, other=float("-inf"))
-        top = tl.max(split_max, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)  # an empty row (context 0): zeros, not NaN
-        weight = tl.exp(split_max - top)
-        total = tl.sum(weight * tl.load(sum_ptr + part, mask=sp_ok, other=0.0), 0)
-        total = tl.where(total == 0.0, 1.0, total)
-        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=sp_ok[:, None] & (d[None, :] < D), other=0.0)
-        out = tl.sum(acc * weight[:, None], 0) / total
-        b, h = seq_head // KV, seq_head % KV
-        tl.store(out_ptr + b * out_sb + (h * G + g) * out_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-
-    @triton.jit
     def tile_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, starts_ptr, counts_ptr, first_ctx_ptr, scale, G,
                     q_sn, q_sh, o_sn, o_sh, c_slot, c_head, t_sb, BLOCK_SIZE,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
@@ -152,7 +135,9 @@ def _kernels():
         tl.store(out_ptr + (start + t)[:, None] * o_sn + (h * G + g)[:, None] * o_sh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    return partial_kernel, merge_kernel, tile_kernel
+    from .triton_attention import _kernels as dense_kernels
+
+    return partial_kernel, dense_kernels()[1], tile_kernel  # the splits merge as in the dense decode kernel
 
 
 TILE_ROWS = 64  # query rows (tokens x grouped heads) a tile program multiplies at once

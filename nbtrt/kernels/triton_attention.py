@@ -95,8 +95,10 @@ def _kernels():
         part = (seq_head * SPLITS + sp) * G + g
         split_max = tl.load(max_ptr + part, mask=sp_ok, other=float("-inf"))
         top = tl.max(split_max, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # a row that saw nothing (a padded paged row): zeros, not NaN
         weight = tl.exp(split_max - top)  # a split that saw nothing: exp(-inf) = 0
         total = tl.sum(weight * tl.load(sum_ptr + part, mask=sp_ok, other=0.0), 0)
+        total = tl.where(total == 0.0, 1.0, total)
         acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=sp_ok[:, None] & (d[None, :] < D), other=0.0)
         out = tl.sum(acc * weight[:, None], 0) / total
         b, h = seq_head // KV, seq_head % KV
