@@ -236,11 +236,15 @@ class TorchEngine(Engine):
             return head(self.model, x if last is None else x.index_select(1, last))
 
     # ------------------------------------------------------------------ Engine API
+    def release_cache(self) -> None:
+        """Free the static KV cache and the CUDA graphs that point into it, with their memory pool
+        (before a paged pool of :class:`nbtrt.LLM` takes the memory); the next ``begin`` allocates again."""
+        self.cache, self._kv, self._static, self._prefill_static, self._pool = None, [], {}, {}, None
+
     @torch.inference_mode()
     def begin(self, batch_size: int) -> None:
         if self.cache is None or self.cache.batch_size != batch_size:
-            # free the old buffers and the graphs that point into them (with their memory pool) first
-            self.cache, self._kv, self._static, self._prefill_static, self._pool = None, [], {}, {}, None
+            self.release_cache()  # the old buffers and their graphs go before the new ones are allocated
             self.cache = StaticKVCache(self.config, batch_size, self.limits.max_seq_len, dtype=self.dtype,
                                        device=self.device)
             self._kv = [(getattr(self.cache, f"k{i}"), getattr(self.cache, f"v{i}")) for i in range(self.config.num_layers)]

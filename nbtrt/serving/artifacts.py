@@ -105,5 +105,6 @@ def engine_from_decoder(model, *, max_batch_size: int = 1, max_seq_len: int = 20
 def release_static_cache(engine: Engine) -> None:
     """Free a torch engine's static KV cache and its CUDA graphs (after static batching, before a
     paged pool takes the memory); the next ``begin`` allocates them again."""
-    if getattr(engine, "backend", None) == "torch":
-        engine.cache, engine._kv, engine._static, engine._prefill_static, engine._pool = None, [], {}, {}, None
+    release = getattr(engine, "release_cache", None)  # engines without a static cache have nothing to free
+    if release is not None:
+        release()
