@@ -124,8 +124,11 @@ def main() -> None:
                                                 desc=f"in-flight sharegpt {n}")
         save()
     full = B.fixed(full_load, 128, 128) if not q else B.fixed(full_load, 16, 16)
-    inflight["fixed128_full_load"] = run_requests(llm, full.prompts(V), [m for _, m in full.lengths],
-                                                  desc=f"in-flight {full_load} x 128/128")
+    with step_times(llm) as steps:
+        inflight["fixed128_full_load"] = run_requests(llm, full.prompts(V), [m for _, m in full.lengths],
+                                                      desc=f"in-flight {full_load} x 128/128")
+    inflight["fixed128_full_load"]["steps"] = steps
+    save()
     base_rate = inflight[f"sharegpt{n_small}"]["requests_per_s"]
     mix = mixes[n_small]
     inflight["poisson"] = []
@@ -145,6 +148,37 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+class step_times:
+    """Where a run's time goes: each runner step timed to its end (the sample() after a step waits for
+    it anyway), summed by kind -- decode-only steps (CUDA graphs) and steps with a prefill chunk."""
+
+    def __init__(self, llm: LLM):
+        self.llm, self.rows = llm, []
+
+    def __enter__(self) -> dict:
+        runner, step, rows = self.llm.runner, self.llm.runner.step, self.rows
+
+        def timed(batch):
+            t = time.perf_counter()
+            out = step(batch)
+            if DEV.type == "cuda":
+                torch.cuda.synchronize()
+            rows.append((batch.num_decodes == len(batch.seqs), batch.num_tokens, time.perf_counter() - t))
+            return out
+
+        runner.step = timed
+        self.result = {}
+        return self.result
+
+    def __exit__(self, *exc) -> None:
+        del self.llm.runner.step  # the class's own method again
+        for kind, decode in (("decode_only", True), ("with_prefill", False)):
+            ts = [t for d, _, t in self.rows if d == decode]
+            toks = [n for d, n, _ in self.rows if d == decode]
+            self.result[kind] = {"steps": len(ts), "total_s": sum(ts), "median_ms": 1e3 * float(np.median(ts)) if ts else None,
+                                 "median_tokens": float(np.median(toks)) if toks else None}
+
+
 def summary(R: dict) -> str:
     s, i = R["static"], R["inflight"]
     lines = [f"device: {R['machine'].get('gpu') or 'cpu'}  date: {R['machine']['date']}  total {R['total_s']} s  "
@@ -160,6 +194,10 @@ def summary(R: dict) -> str:
     f = i["fixed128_full_load"]
     lines.append(f"fixed 128/128 full load: {f['output_tokens_per_s']:.0f} output tok/s, peak KV blocks "
                  f"{f['kv_blocks']['peak']} (target >= 15000)")
+    for kind, st in f.get("steps", {}).items():
+        if st["steps"]:
+            lines.append(f"  {kind} steps: {st['steps']}, {st['total_s']:.2f} s, median {st['median_ms']:.1f} ms "
+                         f"of {st['median_tokens']:.0f} tokens")
     b_i = i["batch1"]["tokens_per_s"]
     if "batch1" in s:
         b_s = s["batch1"]["tokens_per_s"]
