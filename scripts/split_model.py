@@ -2,7 +2,7 @@
 
 Here (torch, transformers, nbtrt):
 
-    python scripts/split_model.py smollm2-135m-instruct work/carry             # bf16, chunks <= 60 MiB
+    python scripts/split_model.py smollm2-135m-instruct work/carry             # bf16, chunks <= 56 MiB
     python scripts/split_model.py smollm2-135m-instruct work/carry --wheels /tmp/wheels
 
 writes ``work/carry/``: the model as a bf16 HF directory's small files (config.json,
@@ -22,10 +22,14 @@ copies the small files, and unpacks ``site/`` (wheels unzipped) to ``/tmp/smollm
 which benchmarks/gpu_real_weights.py appends to ``sys.path`` when it finds it. A missing or
 corrupt piece is named, and nothing is left half-written.
 
-Wheels for rouge-score on the GPU machine (Python 3.12), fetched here with pip:
+Chunks default to 56 MiB, not the 64 MiB a call carries: the repository's working tree travels
+in the same 64 MiB. The last call carries the last chunk, the small files and ``site/`` (~14 MiB).
 
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux2014_x86_64 -d /tmp/wheels nltk absl-py regex click joblib six
+Wheels for rouge-score on the GPU machine (Python 3.12; its package list in the device notes,
+KINDS.md, has absl-py, click, joblib, regex and six already, not nltk nor rouge-score), fetched
+here with pip (~1.8 MB):
+
+    pip download --no-deps --only-binary=:all: -d /tmp/wheels nltk
     pip wheel --no-deps -w /tmp/wheels rouge-score
 """
 from __future__ import annotations
@@ -44,7 +48,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "nbtrt_zoo.json")
-DEFAULT_CHUNK_MIB = 60
+DEFAULT_CHUNK_MIB = 56
 
 
 def sha256(path: Path, block: int = 1 << 22) -> str:
