@@ -225,7 +225,8 @@ def sec_agree(c: Ctx, R: dict) -> None:
         rows.append({"prompt": prompt, "hf_tokens": len(ref), "engine_tokens": len(got), "identical": d is None,
                      "matching_prefix": len(ref) if d is None else d, "hf_text": c.tok.decode(ref),
                      "engine_text": c.tok.decode(got)})
-    out["chat"] = {"prompts": len(rows), "max_new_tokens": a.chat_new_tokens, "identical": sum(r["identical"] for r in rows),
+    out["chat"] = {"prompts": len(rows), "max_new_tokens": a.chat_new_tokens,
+                   "identical": sum(r["identical"] for r in rows),
                    "matching_tokens": sum(r["matching_prefix"] for r in rows),
                    "hf_tokens": sum(r["hf_tokens"] for r in rows), "rows": rows}
     del hf
@@ -374,7 +375,8 @@ def run_eval(c: Ctx, engine) -> dict:
     r = nbtrt.eval(engine, c.model_dir, "kjv", num_docs=c.a.eval_docs, max_new_tokens=32)
     d = r.to_dict()
     return {**{k: v for k, v in d.items() if k != "documents"}, "seconds": round(time.perf_counter() - t, 1),
-            "documents": [{k: doc[k] for k in ("doc_id", "rougeL", "exact_match", "first_diff")} for doc in d["documents"]]}
+            "documents": [{k: doc[k] for k in ("doc_id", "rougeL", "exact_match", "first_diff")}
+                          for doc in d["documents"]]}
 
 
 def sec_eval(c: Ctx, R: dict) -> None:
@@ -445,7 +447,8 @@ def summary(R: dict) -> str:
             ev = row.get("eval", {})
             rl = f"{ev['rougeL']:.1f}" if "rougeL" in ev else ("skipped" if ev else "-")
             lines.append(f"{fmt:10} {row['perplexity']:8.3f} {row.get('kl_vs_bf16', 0):11.4f} "
-                         f"{row.get('top1_vs_bf16', 1):7.3f} {row.get('decode_perplexity', float('nan')):11.3f} {rl:>13}")
+                         f"{row.get('top1_vs_bf16', 1):7.3f} {row.get('decode_perplexity', float('nan')):11.3f}"
+                         f" {rl:>13}")
     ev = R.get("eval_bf16")
     if ev:
         lines.append("eval   bf16 engine: " + (f"ROUGE-L {ev['rougeL']:.1f} exact {ev['exact_match']:.0%} ppl engine "
@@ -505,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT_PATH = out_dir / "gpu_real_weights.json"
     torch.backends.cuda.matmul.allow_tf32 = False
     R = {"benchmark": "gpu_real_weights", "machine": B.machine(), "device": a.device, "model_dir": a.model_dir,
-         "quick": q, "argv": sys.argv[1:] if argv is None else argv, "site_appended": str(site) if site.is_dir() else None,
+         "quick": q, "argv": sys.argv[1:] if argv is None else argv,
+         "site_appended": str(site) if site.is_dir() else None,
          "tolerance_relative_perplexity": TOLERANCE, "section_seconds": {}, "errors": {}}
     start = time.perf_counter()
     deadline = start + a.budget

