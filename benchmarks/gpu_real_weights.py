@@ -380,7 +380,7 @@ def run_eval(c: Ctx, engine) -> dict:
 
 
 def sec_eval(c: Ctx, R: dict) -> None:
-    R["eval_bf16"] = run_eval(c, c.bf16_engine())
+    R["eval_bf16"] = run_eval(c, c.bf16_engine()) if c.a.eval_docs else {"skipped": "--eval-docs 0"}
 
 
 # ------------------------------------------------------------------------------ output
@@ -476,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-formats", action="store_true", help="compile the formats' engines too (slower start)")
     ap.add_argument("--budget", type=float, default=330, help="seconds; sections and formats past it are skipped")
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--eval-docs", type=int, default=None, help="nbtrt eval documents (default 4, quick 1; 0: none)")
     ap.add_argument("--cpu-json", help="the --device cpu run's JSON: add the GPU-vs-CPU table")
     ap.add_argument("--compare", nargs=2, metavar=("GPU_JSON", "CPU_JSON"), help="only print the two runs' table")
     a = ap.parse_args(argv)
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     a.chat_prompts, a.chat_new_tokens = (2, 8) if q else (8, 48)
     a.serve_prompts, a.new_tokens = (8, 8) if q else (48, 32)
     a.decode_positions = 16 if q else 128
-    a.eval_docs = 1 if q else 4
+    a.eval_docs = (1 if q else 4) if a.eval_docs is None else a.eval_docs
     if q:
         a.calib_samples = min(a.calib_samples, 4)
     a.formats = [f for f in a.formats.split(",") if f]
