@@ -398,7 +398,11 @@ def _save(R: dict) -> None:
 def compare(gpu: dict, cpu: dict) -> list[str]:
     """The formats' perplexity on both devices, and whether each is within TOLERANCE."""
     g, c = gpu.get("formats", {}).get("rows", {}), cpu.get("formats", {}).get("rows", {})
-    lines = [f"{'format':10} {'ppl ' + _dev(gpu):>16} {'ppl ' + _dev(cpu):>16} {'rel diff':>9}  within {TOLERANCE:.0%}"
+    same_run = ("calib_samples", "calib_seq_len", "eval", "decode_positions")
+    gs, cs = gpu.get("formats", {}).get("settings", {}), cpu.get("formats", {}).get("settings", {})
+    differ = [k for k in same_run if gs.get(k) != cs.get(k)] + (["quick"] if gpu.get("quick") != cpu.get("quick") else [])
+    lines = [f"!! the two runs differ in {differ}: their figures are not comparable"] if differ else []
+    lines += [f"{'format':10} {'ppl ' + _dev(gpu):>16} {'ppl ' + _dev(cpu):>16} {'rel diff':>9}  within {TOLERANCE:.0%}"
              "   same checkpoint bytes"]
     for fmt in [f for f in g if f in c]:
         a, b = g[fmt].get("perplexity"), c[fmt].get("perplexity")
