@@ -29,17 +29,22 @@ def _text(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+def _role(name: str) -> str:
+    # a styled span, not <b>: the message itself holds no element at all, whatever was typed
+    return f"<span class='nbtrt-chat-role' style='font-weight:bold'>{name}:</span> "
+
+
 def turn_html(user: str, reply: Reply | None, compare_line: str | None = None, live: bool = False) -> str:
     """One turn as HTML: the user's message and the answer (as plain text), then the answer's
     marker, error, stats line and (compare mode) the compare line."""
     parts = [f"<div class='nbtrt-chat-user' style='{_TEXT}; background:#eef3fb; padding:4px 6px; border-radius:4px'>"
-             f"<b>You:</b> {_text(user)}</div>"]
+             f"{_role('You')}{_text(user)}</div>"]
     if reply is not None:
         cursor = " ▌" if live else ""
         marker = f" <span class='nbtrt-chat-marker' style='color:#b00; font-weight:bold'>{reply.marker}</span>" \
             if reply.marker else ""
         parts.append(f"<div class='nbtrt-chat-assistant' style='{_TEXT}; padding:4px 6px'>"
-                     f"<b>Assistant:</b> {_text(reply.text)}{cursor}{marker}</div>")
+                     f"{_role('Assistant')}{_text(reply.text)}{cursor}{marker}</div>")
         if reply.error:
             parts.append(f"<div class='nbtrt-chat-error' style='{_TEXT}; color:#b00'>error: {_text(reply.error)}</div>")
         summary = reply.summary() if reply.stats.start is not None else ""
