@@ -303,15 +303,6 @@ def _line_editing() -> None:
         pass
 
 
-def _typed_so_far() -> str:
-    try:
-        import readline
-
-        return readline.get_line_buffer()
-    except ImportError:
-        return ""
-
-
 def run_chat(a) -> None:
     """``nbtrt chat ENGINE_DIR``: a terminal chat with line editing and history. Ctrl-C stops an
     answer (at the prompt it clears the line); Ctrl-D or /exit quits; /undo, /clear, /export PATH."""
@@ -332,7 +323,7 @@ def run_chat(a) -> None:
             print()
             return
         except KeyboardInterrupt:  # clears the line, as a shell does; quitting is Ctrl-D
-            print("" if _typed_so_far() else "\n(Ctrl-D or /exit quits)", flush=True)
+            print("\n(Ctrl-D or /exit quits)", flush=True)
             continue
         if _command(session, text, engine):
             if text.strip() in ("/exit", "/quit"):
