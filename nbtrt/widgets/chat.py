@@ -65,16 +65,17 @@ class Chat:
         limits = engine.limits
         wanted = sampling.get("max_new_tokens") or 256
         initial = {"description_width": "initial"}  # full labels, never "temperat…"
+        wide = {"style": initial, "layout": w.Layout(width="440px")}  # room for the label and the track
         self.temperature = w.FloatSlider(value=0.0 if p.greedy else p.temperature, min=0.0, max=2.0, step=0.05,
-                                         description="temperature (0 = greedy)", style=initial)
-        self.top_k = w.IntSlider(value=p.top_k, min=0, max=200, description="top-k (0 = off)", style=initial)
+                                         description="temperature (0 = greedy)", **wide)
+        self.top_k = w.IntSlider(value=p.top_k, min=0, max=200, description="top-k (0 = off)", **wide)
         self.top_p = w.FloatSlider(value=p.top_p, min=0.05, max=1.0, step=0.05, description="top-p (1 = off)",
-                                   style=initial)
+                                   **wide)
         self.max_new_tokens = w.IntSlider(value=min(wanted, limits.max_seq_len), min=1,
                                           max=min(2048, limits.max_seq_len), description="max new tokens",
-                                          style=initial)
+                                          **wide)
         self.repetition_penalty = w.FloatSlider(value=p.repetition_penalty, min=1.0, max=2.0, step=0.05,
-                                                description="repetition penalty (1 = off)", style=initial)
+                                                description="repetition penalty (1 = off)", **wide)
         self.seed = w.IntText(value=-1 if p.seed is None else p.seed, description="seed (-1 = random)",
                               style=initial)
         self.system_prompt = w.Textarea(value=system or "", placeholder="(none)", rows=2,
@@ -96,7 +97,7 @@ class Chat:
         self.export_status = w.HTML()
         self.compare = w.Checkbox(value=compare, description="compare with the HF reference", indent=False)
         self.compare_note = w.HTML()
-        self.comparison = w.HTML()  # the latest turn's compare line
+        self.comparison = w.HTML(layout=w.Layout(min_height="24px"))  # the latest turn's compare line
         self.context_meter = w.IntProgress(value=0, min=0, max=limits.max_input_len, description="context",
                                            style=initial)
         self.context_label = w.HTML()
@@ -274,6 +275,7 @@ class Chat:
         options = self._options()
         self.session.system = self.system_prompt.value or None
         sides = [("engine", self.session)]
+        self._set_busy(True)  # at once: loading the HF reference (first compare) takes seconds
         try:
             if self.compare.value:
                 ref = self._reference_session()
@@ -283,13 +285,11 @@ class Chat:
             jobs = [(side, session, session.send(text, cancel=self._cancel, stats=GenerationStats(), **options))
                     for side, session in sides]
         except (GenerationError, OSError, ValueError, TypeError) as e:
+            self._set_busy(False)
             self._note(str(e), error=True)
             return False
         self._note("")
         self.comparison.value = ""
-        for button in (self.send_button, self.regenerate_button, self.undo_button, self.export_button):
-            button.disabled = True
-        self.stop_button.disabled = False
         self._thread = threading.Thread(target=self._run, args=(text, jobs), daemon=True)
         self._thread.start()
         return True
@@ -390,9 +390,12 @@ class Chat:
         self.reference_replies.append(ref)  # one per turn, so that turns and their other side line up
         self.comparisons.append(line)
         self._refresh()  # (the panes drop their live answer as they draw the finished turn)
+        self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
         for button in (self.send_button, self.regenerate_button, self.undo_button, self.export_button):
-            button.disabled = False
-        self.stop_button.disabled = True
+            button.disabled = busy
+        self.stop_button.disabled = not busy
 
     def _stream(self, user: str, side: str, session: ChatSession, deltas) -> None:
         pane = self.engine_pane if side == "engine" else self.reference_pane
@@ -400,6 +403,6 @@ class Chat:
         try:
             for _ in deltas:
                 pane.show_live(user, reply)
-        except Exception:  # noqa: BLE001  (kept in reply.error and shown in the pane; the engine resets on its next request)
+        except Exception:  # noqa: BLE001  (kept in reply.error, shown in the pane; the engine resets on its next request)
             pass
         pane.stats.value = reply.summary()

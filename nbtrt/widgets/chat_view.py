@@ -70,7 +70,9 @@ class Pane:
         self.history = w.Box([self.live], layout=w.Layout(height=height, overflow="auto", flex_flow="column-reverse",
                                                           border="1px solid #eee", padding="2px"))
         self.history.add_class("nbtrt-chat-history")
-        self.stats = w.HTML()  # the latest answer's tokens, TTFT and tokens/s
+        # the latest answer's tokens, TTFT and tokens/s; its height is kept when empty so that
+        # nothing under the pane (the input) moves when the first answer starts
+        self.stats = w.HTML(layout=w.Layout(min_height="24px"))
         self.stats.add_class("nbtrt-chat-latest-stats")
         self.box = w.VBox([self.title, self.history, self.stats],
                           layout=w.Layout(flex="1 1 0", min_width="0", border="1px solid #ddd", padding="4px"))
