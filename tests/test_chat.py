@@ -246,8 +246,10 @@ def test_widget_undo_regenerate_clear_and_context_meter(tiny):
     chat.regenerate()
     assert "nothing to regenerate" in chat.status.value
 
-    # the system prompt box applies to the next answer
+    # the system prompt box applies to the next answer; the meter counts it at once
     chat.system_prompt.value = "You are a pirate."
+    assert chat.context_meter.value == len(apply_chat_template(
+        engine.tokenizer, [{"role": "system", "content": "You are a pirate."}], add_generation_prompt=False))
     chat.send("Hi")
     assert chat.wait(120)
     assert chat.session.system == "You are a pirate."

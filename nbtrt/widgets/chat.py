@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import ipywidgets as w
@@ -168,7 +169,7 @@ class Chat:
             raise GenerationError("an answer is still streaming: wait for it or press Stop, then export")
         stem = path or self.export_path.value.strip() or time.strftime("work/chats/chat-%Y%m%d-%H%M%S")
         info = {"engine": str(getattr(self.engine, "engine_dir", self.engine)), "backend": self.engine.backend,
-                "limits": vars(self.engine.limits) if hasattr(self.engine.limits, "__dict__") else None,
+                "limits": asdict(self.engine.limits),
                 "sampling": self._options()}
         compared = any(r is not None for r in self.reference_replies)
         turns = self.session.turns
@@ -254,9 +255,10 @@ class Chat:
         if self.busy:
             self._note("system prompt changed: applies to the next answer")
             return
+        self.session.system = change["new"] or None
         self._note("system prompt changed: the next answer sees it (with the whole conversation)"
                    if self.session.history else "")
-        self._refresh()
+        self._refresh()  # the context meter counts it
 
     def _on_send(self, _=None) -> None:
         if self.busy:
