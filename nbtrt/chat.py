@@ -36,6 +36,7 @@ from .turns import leased_stream
 # engine's room caps it, and an answer that hits the cap ends with "[length limit]")
 CHAT_MAX_NEW_TOKENS = 512
 
+
 class ChatSession:
     """A multi-turn conversation with an engine (or with :class:`HFReference`).
 
