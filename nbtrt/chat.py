@@ -22,23 +22,34 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Iterator
 
 from .chat_template import ROLES, apply_chat_template, check_messages  # noqa: F401  (nbtrt.chat's public names)
-from .generate import GenerationError, GenerationStats, SamplingParams, check_text
+from .generate import GenerationError, GenerationState, GenerationStats, SamplingParams, check_text, generate_text
+from .transcript import Reply, finish_reason
+from .turns import leased_stream
+
+# `nbtrt chat`'s default answer length: long enough not to cut an ordinary answer short (the
+# engine's room caps it, and an answer that hits the cap ends with "[length limit]")
+CHAT_MAX_NEW_TOKENS = 512
+
 
 class ChatSession:
     """A multi-turn conversation with an engine (or with :class:`HFReference`).
 
     ``send`` streams the answer and, when the stream ends (finished, stopped or abandoned),
-    appends the user message and the answer so far to ``history``.
+    appends the user message and the answer so far to ``history`` and its :class:`Reply` (token
+    ids, how it ended, timing) to ``replies``. ``undo`` takes the last turn back.
 
     >>> chat = ChatSession(engine, system="You are terse.", max_new_tokens=64)  # doctest: +SKIP
     >>> print("".join(chat.send("Name a colour.")))  # doctest: +SKIP
     >>> chat.history  # doctest: +SKIP
     [{'role': 'user', 'content': 'Name a colour.'}, {'role': 'assistant', 'content': 'Blue.'}]
+    >>> chat.replies[-1].finish, chat.replies[-1].summary()  # doctest: +SKIP
+    ('stop', '3 tokens · TTFT 41 ms · 52.0 tokens/s')
     """
 
     def __init__(self, engine, system: str | None = None, **sampling):
@@ -48,22 +59,32 @@ class ChatSession:
         self.system = system or None
         self.sampling = sampling
         self.history: list[dict] = []
+        self.replies: list[Reply] = []  # one per assistant message of history
+        self.reply: Reply | None = None  # the latest answer, filled in while it streams
         self._answer = None  # weak reference to the answer being streamed (its generator)
 
     def messages(self, text: str) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return check_messages(system + self.history + [{"role": "user", "content": text}])
 
+    @property
+    def streaming(self) -> bool:
+        """True while an answer is neither finished nor closed."""
+        previous = self._answer() if self._answer is not None else None
+        return previous is not None and previous.gi_frame is not None
+
+    def _check_idle(self, doing: str) -> None:
+        if self.streaming:
+            # its user message and answer join the history only when it ends: acting now would
+            # put this change before them
+            raise GenerationError(f"the previous answer is still streaming: read it to the end or call .close() "
+                                  f"on it (or wait for it) before {doing}")
+
     def send(self, text: str, *, cancel: threading.Event | None = None, stats: GenerationStats | None = None,
              **sampling) -> Iterator[str]:
         """Stream the answer to ``text``. Bad input raises here and leaves the history unchanged."""
         check_text("a chat message", text)
-        previous = self._answer() if self._answer is not None else None
-        if previous is not None and previous.gi_frame is not None:  # neither finished nor closed
-            # its user message and answer join the history only when it ends: sending now would
-            # put this message before them
-            raise GenerationError("the previous answer is still streaming: read it to the end or call .close() "
-                                  "on it (or wait for it) before sending the next message")
+        self._check_idle("sending the next message")
         ids = apply_chat_template(self.engine.tokenizer, self.messages(text))
         options = {**self.sampling, **{k: v for k, v in sampling.items() if v is not None}}
         limits = getattr(self.engine, "limits", None)
@@ -72,23 +93,79 @@ class ChatSession:
             # a long conversation leaves less room in the KV cache: answer shorter rather than fail
             wanted = self.engine.sampling(**options).max_new_tokens
             options["max_new_tokens"] = max(1, min(wanted, limits.room(len(ids))))
-        deltas = self.engine.stream(ids, cancel=cancel, stats=stats, **options)
-        answer = self._record(text, deltas)
+        params = self.engine.sampling(**options)  # the one place options are checked
+        cancel = cancel or threading.Event()  # ours when the caller has none: Stop is read from it
+        state = GenerationState([ids], stats=stats or GenerationStats())
+        deltas = self._stream(ids, params, cancel, state, options)
+        self.reply = Reply(stats=state.stats, max_new_tokens=params.max_new_tokens)
+        answer = self._record(text, deltas, self.reply, state, params, cancel)
         self._answer = weakref.ref(answer)
         return answer
 
-    def _record(self, text: str, deltas: Iterator[str]) -> Iterator[str]:
-        answer: list[str] = []
+    def _stream(self, ids: list[int], params: SamplingParams, cancel: threading.Event, state: GenerationState,
+                options: dict) -> Iterator[str]:
+        if isinstance(self.engine, HFReference):
+            return self.engine.stream(ids, cancel=cancel, state=state, **options)
+        # Engine.stream, keeping the loop's state: the answer's token ids and how it ended
+        self.engine.check_request([ids], params.max_new_tokens)
+        return leased_stream(self.engine, generate_text(self.engine, [ids], params, cancel=cancel, state=state), cancel)
+
+    def _record(self, text: str, deltas: Iterator[str], reply: Reply, state: GenerationState,
+                params: SamplingParams, cancel: threading.Event) -> Iterator[str]:
+        closed = False
         try:
             for delta in deltas:
-                answer.append(delta)
+                reply.text += delta
                 yield delta
+        except GeneratorExit:  # the reader walked away (closed or dropped the stream): a stop
+            closed = True
+            raise
+        except Exception as e:
+            reply.finish, reply.error = "error", str(e)
+            raise
         finally:
             deltas.close()
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(answer)}]
+            reply.token_ids = list(state.tokens[0]) if state.tokens else []
+            if reply.finish is None:
+                reply.finish = finish_reason(reply.token_ids, params.stop_token_ids, params.max_new_tokens,
+                                             stopped=closed or cancel.is_set(),
+                                             ended_by_model=bool(state.finished and state.finished[0]))
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+            self.replies.append(reply)
+
+    @property
+    def turns(self) -> list[tuple[str, Reply]]:
+        """(user message, reply) per turn; a reply stands in with the text alone where ``history``
+        was edited by hand."""
+        users = [m["content"] for m in self.history if m["role"] == "user"]
+        answers = [m["content"] for m in self.history if m["role"] == "assistant"]
+        replies = self.replies
+        if [r.text for r in replies] != answers:
+            replies = [Reply(text=a) for a in answers]
+        return list(zip(users, replies))
+
+    def undo(self) -> str | None:
+        """Take the last turn back; return its user message (None when there is no turn)."""
+        self._check_idle("undoing a turn")
+        if len(self.history) < 2:
+            return None
+        user = self.history[-2]["content"]
+        del self.history[-2:]
+        if self.replies:
+            self.replies.pop()
+        return user
+
+    def context_tokens(self) -> int:
+        """Tokens the conversation so far (system prompt and history, in the chat template) takes
+        of the next prompt; the next message adds its own. Compare with ``engine.limits.max_input_len``."""
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        if not messages:
+            return 0
+        return len(apply_chat_template(self.engine.tokenizer, messages, add_generation_prompt=False))
 
     def clear(self) -> None:
-        self.history = []
+        self._check_idle("clearing the conversation")
+        self.history, self.replies, self.reply = [], [], None
 
 
 class HFReference:
@@ -115,7 +192,10 @@ class HFReference:
         return SamplingParams.from_generation_config(self.generation_config, **overrides)
 
     def stream(self, prompt: str | list[int], cancel: threading.Event | None = None,
-               stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
+               stats: GenerationStats | None = None, state: GenerationState | None = None,
+               **sampling) -> Iterator[str]:
+        """Yield text deltas as HF generates; ``state`` (optional) receives the new token ids in
+        ``state.tokens[0]`` and ``state.stats`` the timing, as the engine's loop fills them."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -123,12 +203,15 @@ class HFReference:
         ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise GenerationError("prompt is empty")
-        stats = stats or GenerationStats()
+        state = state or GenerationState([ids], stats=stats or GenerationStats())
+        stats = state.stats
+        state.tokens, state.finished = [[]], [False]
         done = threading.Event()  # ours: set when the consumer stops reading (never the caller's cancel)
 
         class Streamer(TextIteratorStreamer):
             def put(self, value):
                 if not self.next_tokens_are_prompt:
+                    state.tokens[0].extend(value.flatten().tolist())
                     stats.record(value.numel())
                 super().put(value)
 
@@ -150,6 +233,8 @@ class HFReference:
 
         def work():
             try:
+                if p.seed is not None:  # HF draws from torch's global generator
+                    torch.manual_seed(p.seed)
                 with torch.inference_mode():
                     self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                         **kwargs)
@@ -210,39 +295,95 @@ def _load(engine_dir: str):
     return load(engine_dir)
 
 
+def _line_editing() -> None:
+    """Arrow keys, Ctrl-A/E, and the up arrow for earlier messages at the ``you>`` prompt: importing
+    readline (stdlib; absent on Windows, where the console edits lines itself) hooks it into input()."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
+
 def run_chat(a) -> None:
-    """``nbtrt chat ENGINE_DIR``: a terminal chat. Ctrl-C stops the answer; Ctrl-D or /exit quits."""
+    """``nbtrt chat ENGINE_DIR``: a terminal chat with line editing and history. Ctrl-C stops an
+    answer (at the prompt it clears the line); Ctrl-D or /exit quits; /undo, /clear, /export PATH."""
+    _line_editing()
     engine = _load(a.engine_dir)
-    session = ChatSession(engine, system=a.system, **_sampling_from_args(a))
-    print(f"{engine}\nCtrl-C stops an answer, /clear forgets the conversation, Ctrl-D or /exit quits.", flush=True)
+    options = _sampling_from_args(a)
+    if options["max_new_tokens"] is None:
+        options["max_new_tokens"] = CHAT_MAX_NEW_TOKENS
+    session = ChatSession(engine, system=a.system, **options)
+    limits = engine.limits
+    print(f"{engine}\nanswers up to {options['max_new_tokens']} tokens (--max-new-tokens), the conversation up to "
+          f"max_input_len={limits.max_input_len}.\nCtrl-C stops an answer, /undo takes the last turn back, "
+          "/clear forgets the conversation, /export PATH writes it, Ctrl-D or /exit quits.", flush=True)
     while True:
         try:
             text = input("you> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return
-        if text.strip() in ("/exit", "/quit"):
-            return
-        if text.strip() == "/clear":
-            session.clear()
+        except KeyboardInterrupt:  # clears the line, as a shell does; quitting is Ctrl-D
+            print("\n(Ctrl-D or /exit quits)", flush=True)
+            continue
+        if _command(session, text, engine):
+            if text.strip() in ("/exit", "/quit"):
+                return
             continue
         if not text.strip():
             continue
-        stats, cancel = GenerationStats(), threading.Event()
         try:
-            deltas = session.send(text, cancel=cancel, stats=stats)
-        except GenerationError as e:
-            print(f"error: {e}", flush=True)
-            continue
-        print("assistant> ", end="", flush=True)
+            _answer(session, text)
+        except KeyboardInterrupt:  # between the answer's end and the prompt: nothing to stop
+            print(flush=True)
+
+
+def _command(session: ChatSession, text: str, engine) -> bool:
+    """Run a /command; False when ``text`` is a message."""
+    from .transcript import export
+
+    word, _, arg = text.strip().partition(" ")
+    if word in ("/exit", "/quit"):
+        return True
+    if word == "/clear":
+        session.clear()
+        print("(conversation cleared)", flush=True)
+    elif word == "/undo":
+        user = session.undo()
+        print(f"(took back: {user!r})" if user is not None else "(nothing to undo)", flush=True)
+    elif word == "/export":
+        stem = arg.strip() or time.strftime("chat-%Y%m%d-%H%M%S")
         try:
-            for delta in deltas:
-                print(delta, end="", flush=True)
-        except KeyboardInterrupt:
-            cancel.set()
-            deltas.close()
-            print(" [stopped]", end="")
-        print(f"\n[{stats.summary()}]", flush=True)
+            paths = export(stem, session.turns, system=session.system, info={"engine": str(engine.engine_dir)})
+        except (OSError, ValueError) as e:
+            print(f"error: cannot export to {stem!r}: {e}", flush=True)
+        else:
+            print("(wrote " + " and ".join(str(p.resolve()) for p in paths) + ")", flush=True)
+    else:
+        return False
+    return True
+
+
+def _answer(session: ChatSession, text: str) -> None:
+    stats, cancel = GenerationStats(), threading.Event()
+    try:
+        deltas = session.send(text, cancel=cancel, stats=stats)
+    except GenerationError as e:
+        print(f"error: {e}", flush=True)
+        return
+    print("assistant> ", end="", flush=True)
+    try:
+        for delta in deltas:
+            print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        cancel.set()
+        deltas.close()
+    except GenerationError as e:
+        print(f"\nerror: {e}", end="")
+    reply = session.reply
+    marker = reply.marker or ("[stopped]" if cancel.is_set() else "")
+    marker = f" {marker}" if marker else ""
+    print(f"{marker}\n[{stats.summary()}]", flush=True)
 
 
 def run_prompts(a) -> None:
