@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--skip-static-1000", action="store_true", help="leave out the 1000-request static run (~90 s)")
     ap.add_argument("--no-static", action="store_true", help="in-flight only (no baseline, no agreement)")
     ap.add_argument("--requests", type=int, default=1000, help="the large ShareGPT-like mix")
+    ap.add_argument("--no-poisson", action="store_true", help="leave out the Poisson sweep (online serving)")
     ap.add_argument("--no-tiled", action="store_true", help="mixed steps sequence by sequence, eagerly (the path "
                     "before the tile kernel)")
     ap.add_argument("--full-load", type=int, default=1024, help="128/128 requests at full load")
@@ -132,7 +133,7 @@ def main() -> None:
     base_rate = inflight[f"sharegpt{n_small}"]["requests_per_s"]
     mix = mixes[n_small]
     inflight["poisson"] = []
-    for frac in (0.25, 0.5, 1.0):
+    for frac in () if a.no_poisson else (0.25, 0.5, 1.0):
         rate = frac * base_rate
         r = run_requests(llm, mix.prompts(V), [m for _, m in mix.lengths], poisson_arrivals(len(mix.lengths), rate),
                          desc=f"in-flight poisson {rate:.1f} req/s")
