@@ -57,8 +57,8 @@ class LLM:
     :class:`~nbtrt.engine.Engine` already loaded; whatever is missing is converted and built
     once under ``work_dir``. Options: see ``LLM_API.md`` (``max_batch_size`` sequences a step,
     ``max_num_tokens`` tokens a step, ``block_size`` / ``num_blocks`` / ``gpu_memory_utilization``
-    for the KV pool). ``cuda_graphs=False`` runs decode steps eagerly on CUDA too; ``tiled=False`` runs
-    mixed steps sequence by sequence, eagerly (the path before the tile kernel, kept to compare).
+    for the KV pool). ``cuda_graphs=False`` runs decode steps eagerly on CUDA too; ``tiled=True`` runs
+    mixed steps through the tile kernel as one compiled graph (opt-in: not yet run on a GPU).
 
     >>> with nbtrt.LLM("smollm2-135m-instruct", max_batch_size=16) as llm:  # doctest: +SKIP
     ...     print(llm.generate(["Hi!"])[0].text)

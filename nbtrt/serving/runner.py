@@ -18,6 +18,8 @@ does. A mixed step runs *tiled*: its tokens cut into tiles of one sequence each
 step is one compiled graph of dynamic size rather than a Python loop over sequences (that loop cost
 an H100 ~110 ms a 2048-token step of the 8B model, measured 2026-12-06). ``tiled=True`` on the CPU
 runs the same host-side tiling through :func:`paged_tile_reference` (how the tests cover it).
+Tiling is opt-in (``tiled=True``) until it has been measured on a GPU: the kernel was checked against
+the reference in Triton's interpreter only.
 
 >>> runner = ModelRunner(engine.model, pool, max_batch_size=64, max_seq_len=2048)  # doctest: +SKIP
 >>> logits = runner.step(batch)  # doctest: +SKIP
@@ -198,8 +200,8 @@ def _head(model: Decoder, x, logits_indices):
 class ModelRunner:
     """Runs scheduled batches on ``model`` (the engine's decoder, quantized linears already swapped in)
     over ``pool``. ``cuda_graphs`` (CUDA only): decode-only steps replay captured graphs of the
-    compiled blocks. ``tiled``: mixed steps run tiled (default: where the kernel runs; on the CPU through
-    the plain torch twin)."""
+    compiled blocks. ``tiled``: mixed steps run tiled (on the CPU through the plain torch twin); off by
+    default until measured on a GPU."""
 
     def __init__(self, model: Decoder, pool: BlockPool, *, max_batch_size: int, max_seq_len: int,
                  cuda_graphs: bool | None = None, tiled: bool | None = None):
@@ -216,7 +218,8 @@ class ModelRunner:
         self.buckets = [b for b in DECODE_BUCKETS if b < max_batch_size] + [max_batch_size]
         self._graphs: dict[int, SimpleNamespace] = {}
         self._graph_pool = None
-        self.tiled = self.use_kernel if tiled is None else (tiled and self.window is None)
+        # opt-in until the kernel's compiled path has run on a GPU (checked so far in Triton's interpreter)
+        self.tiled = bool(tiled) and self.window is None
         self.tile_tokens = paged_attention.tokens_per_tile(model.cfg.num_heads // model.cfg.num_kv_heads)
         self._fns = (_prelude, _block, _head)  # off CUDA: the bucketed decode runs eagerly (how CPU tests cover it)
         self._tile_fns = (_prelude, _tile_block, _head)
