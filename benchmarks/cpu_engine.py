@@ -153,7 +153,7 @@ def summary(result: dict, workload: str) -> dict:
 def print_summary(s: dict) -> None:
     print(f"\n== {s['workload']}: tokens/s (with the prompt's tokens counted: with prompt)")
     print(f"{'runner':26} {'prec':8} {'tok/s':>8} {'w/ prompt':>10} {'spread':>7} {'x llama.cpp':>12} {'x HF eager':>11}")
-    f = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    f = lambda v, spec: format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])  # noqa: E731
     for r in s["rows"]:
         print(f"{r['runner']:26} {r['precision']:8} {r['tokens_per_s']:8.1f} {r['tokens_per_s_with_prompt']:10.1f} "
               f"{100 * r['spread']:6.1f}% {f(r['vs_llama_cpp'], '12.2f')} {f(r['vs_hf_eager'], '11.2f')}")
