@@ -58,6 +58,13 @@ ORT_GRAPHS = {"nbtrt-onnxruntime": (STANDARD, {}), "nbtrt-onnxruntime-cpu": ({GR
 TORCH_ENGINES = {"nbtrt-torch": {"compile": False}, "nbtrt-torch-compiled": {"compile": True}}
 SPREAD_LIMIT = 0.10  # repeats whose tokens/s range over more than 10% of their median disagree
 TARGETS = {"vs_llama_cpp": 0.8, "vs_hf_eager": 2.5}  # issue 34, nbtrt's best CPU engine at batch 1
+NOTES = {
+    "tokens_per_s": "generated tokens / wall time of the pass, the prompt's computation included (median of repeats)",
+    "tokens_per_s_with_prompt": "(prompt + generated tokens) / the same wall time; ratios between runners are equal",
+    "tokens_per_s_spread": "(fastest - slowest repeat) / median, tokens/s",
+    "load_average": "os.getloadavg() (1, 5, 15 min) before and after the run and each measurement",
+    "llama.cpp": "llama-cpp-python's Llama holds one sequence: batch 4 is skipped, the mix runs one request at a time",
+}
 
 
 def load_average() -> list[float] | None:
@@ -184,7 +191,7 @@ def bench_model(model: str, a) -> dict:
                          f"{', '.join(TORCH_ENGINES)}, {LLAMA_CPP}")
     cores = os.cpu_count() or 1
     result = {"model": model, "device": "cpu", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "threads": a.threads, "quick": a.quick,
+              "threads": a.threads, "quick": a.quick, "notes": NOTES,
               "load_average_before": load_average(), "workloads": [
                   {"name": w.name, "batch_size": w.batch_size, "repeats": w.repeats, "lengths": w.lengths}
                   for w in loads], "results": []}
