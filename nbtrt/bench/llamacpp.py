@@ -48,9 +48,14 @@ def zoo_gguf(name: str, work_dir: str | Path) -> Path:
     marker = zoo.get(name) / zoo.MARKER
 
     want = json.loads(marker.read_text()).get("gguf_sha256")
-    if not out.is_file() or (want and file_sha256(out) != want):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        zoo.assemble_gguf(parts, out, packages=zoo.ZOO[name].packages)
+    if out.is_file() and want and file_sha256(out) == want:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    got = zoo.assemble_gguf(parts, out, packages=zoo.ZOO[name].packages)
+    if want and got != want:
+        raise zoo.ZooError(f"the GGUF assembled from {name}'s installed parts (sha256 {got[:12]}…) is not the one "
+                           f"{marker.parent} was made from ({want[:12]}…): the packages changed since; "
+                           f"re-materialize with nbtrt.zoo.get({name!r}, force=True)")
     return out
 
 
