@@ -177,7 +177,8 @@ def shout(lines: list[str]) -> None:
 def bench_model(model: str, a) -> dict:
     prompt, new, mix_n = (32, 16, 16) if a.quick else (128, 128, 100)
     repeats = 2 if a.quick else a.repeats
-    mix = B.sharegpt_like(mix_n, seed=0, scale=1 / 32, max_input_len=256, max_output_len=64, batch_size=8)
+    # static batches of each runner's max batch size: 8 (the engines' limit, HF's), llama.cpp 1
+    mix = B.sharegpt_like(mix_n, seed=0, scale=1 / 32, max_input_len=256, max_output_len=64)
     loads = [B.fixed(1, prompt, new, repeats=repeats), B.fixed(4, prompt, new, repeats=repeats),
              dataclasses.replace(mix, repeats=repeats)]
     max_input = max(n for w in loads for n, _ in w.lengths)
