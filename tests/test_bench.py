@@ -137,3 +137,26 @@ def test_a_build_that_raises_is_reported_failed_not_skipped(tiny_src, tmp_path):
     assert "failed: ValueError" in text and "skipped: " in text
     md = B.markdown({"results": results})
     assert "Failed: `nbtrt-torch`: ValueError" in md and "Skipped: `nbtrt-tensorrt`: " in md
+
+
+def test_engine_specs_are_data(tiny_src, tmp_path):
+    """Two flavours of an engine are two specs, each built and loaded with its own options, which the
+    runner records; an option the backend does not take fails that row with the backend's message.
+    The checkpoint all three build from is converted once."""
+    from nbtrt.bench.suite import Checkpoints, EngineSpec, engine_spec_runner
+    from nbtrt.convert import hf_config
+
+    ckpts = Checkpoints(tiny_src, tmp_path / "w")
+    specs = [EngineSpec("ort-1-thread", "onnxruntime", "fp32", load={"threads": 1}),
+             EngineSpec("torch-eager", "torch", "fp32", build={"compile": False}),
+             EngineSpec("ort-bad", "onnxruntime", "fp32", build={"no_such_option": 1})]
+    ort, eager, bad = [engine_spec_runner(s, ckpts, work_dir=tmp_path / "w", max_batch_size=2, max_input_len=8,
+                                          max_seq_len=16) for s in specs]
+    assert (ort.name, ort.info["load_options"]) == ("ort-1-thread", {"threads": 1})
+    assert eager.info["build_options"] == {"compile": False} and eager.info["load_options"] == {}
+    assert bad.failed.startswith("ValueError: ") and "no_such_option" in bad.failed
+    assert list(ckpts.made) == ["fp32"]
+    vocab = int(hf_config(tiny_src)["vocab_size"])
+    for runner in (ort, eager):
+        r = B.measure(runner, B.fixed(2, 4, 3, repeats=1), vocab_size=vocab, warmup=0)
+        assert (r["status"], r["generated_tokens"], r["info"]["load_options"]) == ("ok", 6, runner.info["load_options"])

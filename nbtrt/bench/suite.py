@@ -1,6 +1,7 @@
 """A whole benchmark: build the runners for a model, measure each on each workload, write the JSON."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +28,75 @@ def run_all(runners: list[Runner], workloads: list[Workload], vocab_size: int, *
 
 
 # ------------------------------------------------------------------------------ building runners
+class Checkpoints:
+    """The nbtrt checkpoints of one model under ``work``, each made on first use: the converted one
+    (precision = the short name of ``dtype``, e.g. "fp32") and one per ``nbtrt.quantize`` format.
+
+    >>> ckpts = Checkpoints("smollm2-135m-instruct", "work/bench", "float32")  # doctest: +SKIP
+    >>> ckpts("int4_wo")  # converts, then quantizes  # doctest: +SKIP
+    PosixPath('work/bench/ckpt-int4_wo')
+    """
+
+    def __init__(self, src: str | Path, work: str | Path, dtype: str = "float32"):
+        self.src, self.work, self.dtype, self.short = src, Path(work), dtype, SHORT_DTYPE[dtype]
+        self.made: dict[str, Path] = {}
+
+    def __call__(self, precision: str) -> Path:
+        if precision not in self.made:
+            if precision == self.short:
+                self.made[precision] = convert(self.src, self.work / f"ckpt-{precision}", dtype=self.dtype,
+                                               overwrite=True)
+            else:
+                self.made[precision] = quantize(self(self.short), self.work / f"ckpt-{precision}", precision,
+                                                overwrite=True)
+        return self.made[precision]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One nbtrt engine to measure, as data: the row's ``name``, the ``backend``, the checkpoint's
+    ``precision`` (a :class:`Checkpoints` key) and the options passed to ``nbtrt.build`` (``build``)
+    and ``nbtrt.load`` (``load``). Another flavour of an engine is one more spec, not more code.
+
+    >>> EngineSpec("nbtrt-onnxruntime", "onnxruntime", "int4_wo", load={"threads": 2})
+    EngineSpec(name='nbtrt-onnxruntime', backend='onnxruntime', precision='int4_wo', build={}, load={'threads': 2})
+    """
+
+    name: str
+    backend: str
+    precision: str
+    build: dict = field(default_factory=dict)
+    load: dict = field(default_factory=dict)
+
+
+def engine_spec_runner(spec: EngineSpec, checkpoints: Checkpoints, *, device: str = "cpu", max_batch_size: int = 8,
+                       max_input_len: int = 512, max_seq_len: int = 1024,
+                       work_dir: str | Path = "work/bench") -> Runner:
+    """Build and load the engine ``spec`` describes (under ``work_dir/engine-<name>-<precision>``) and
+    return its runner; skipped where the backend cannot run here, failed (with the error) where the
+    build or load raises. ``info`` records the build options engine.json holds and the load options.
+
+    >>> r = engine_spec_runner(EngineSpec("nbtrt-torch", "torch", "fp32"), Checkpoints("smollm2-135m-instruct", "w"))  # doctest: +SKIP
+    """
+    _ensure_backends()
+    cls = BACKENDS.get(spec.backend)
+    reason = "backend not registered in this nbtrt" if cls is None else cls.available()
+    if reason:
+        return skipped(spec.name, spec.precision, reason)
+    load_options = {**({"device": device} if spec.backend == "torch" else {}), **spec.load}
+    try:
+        edir = build(checkpoints(spec.precision), Path(work_dir) / f"engine-{spec.name}-{spec.precision}",
+                     backend=spec.backend, max_batch_size=max_batch_size, max_input_len=max_input_len,
+                     max_seq_len=max_seq_len, overwrite=True, **spec.build)
+        engine = load(edir, **load_options)
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. a format this backend lacks
+        return Runner(spec.name, spec.precision, "-", 0, failed=f"{type(e).__name__}: {e}")
+    runner = engine_runner(engine, name=spec.name, precision=spec.precision)
+    runner.info.update(build_options=engine.manifest.get("options", {}),
+                       load_options={k: v for k, v in load_options.items() if k != "device"})
+    return runner
+
+
 RUNNERS = ("hf-eager", "hf-compile", "nbtrt-torch", "nbtrt-torch-compiled", "nbtrt-onnxruntime", "nbtrt-tensorrt")
 
 
@@ -50,15 +120,8 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
     if unknown:
         raise ValueError(f"unknown runners {unknown}; known: {list(RUNNERS)}")
     short = SHORT_DTYPE[dtype]
-    ckpts: dict[str, Path] = {}
-
-    def checkpoint(prec: str) -> Path:  # converted once, quantized once per format
-        if prec not in ckpts:
-            if prec == short:
-                ckpts[prec] = convert(src, work / f"ckpt-{short}", dtype=dtype, overwrite=True)
-            else:
-                ckpts[prec] = quantize(checkpoint(short), work / f"ckpt-{prec}", prec, overwrite=True)
-        return ckpts[prec]
+    checkpoint = Checkpoints(src, work, dtype)
+    limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_seq_len": max_seq_len}
 
     runners: list[Runner] = []
     hf = None
@@ -80,15 +143,8 @@ def make_runners(src: str | Path, names: list[str] | tuple[str, ...] = RUNNERS, 
                 runners.append(skipped(name, prec, reason))
                 continue
             opts = {"compile": name.endswith("-compiled")} if backend == "torch" else {}
-            try:
-                edir = build(checkpoint(prec), work / f"engine-{name}-{prec}", backend=backend,
-                             max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-                             overwrite=True, **opts)
-                engine = load(edir, **({"device": device} if backend == "torch" else {}))
-            except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. a format this backend lacks
-                runners.append(Runner(name, prec, "-", 0, failed=f"{type(e).__name__}: {e}"))
-                continue
-            runners.append(engine_runner(engine, name=name, precision=prec))
+            runners.append(engine_spec_runner(EngineSpec(name, backend, prec, build=opts), checkpoint,
+                                              device=device, work_dir=work, **limits))
     return runners
 
 
