@@ -12,7 +12,8 @@ from nbtrt._io import ArtifactError
 from nbtrt.checkpoint import load_checkpoint
 from nbtrt.config import DecoderConfig
 from nbtrt.model import decoder_from_tensors
-from nbtrt.parallel import greedy_generate, load_rank_tensors, rank_config, run_tensor_parallel, shard_checkpoint
+from nbtrt.parallel import (RankEngine, generate_greedy, load_rank_tensors, prefill_logits, rank_config,
+                            run_tensor_parallel, shard_checkpoint)
 from nbtrt.testing import TINY, tiny_hf_model
 
 ARCHS = list(TINY)
@@ -27,8 +28,10 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts():
-    # ids spread over the whole vocabulary, so every rank's slice of the embedding is looked up
-    return torch.randint(0, 257, (2, 7), generator=torch.Generator().manual_seed(0)).tolist()
+    # ids spread over the whole vocabulary, so every rank's slice of the embedding is looked up;
+    # the second prompt is shorter, so the batch is left-padded
+    ids = torch.randint(0, 257, (2, 7), generator=torch.Generator().manual_seed(0)).tolist()
+    return [ids[0], ids[1][:4]]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def references(checkpoints, prompts):
     out = {}
     for arch, ckpt in checkpoints.items():
         model = decoder_from_tensors(*load_checkpoint(ckpt))
-        out[arch] = greedy_generate(model, torch.tensor(prompts), NEW_TOKENS)
+        engine = RankEngine(model, max_seq_len=len(prompts[0]) + NEW_TOKENS)  # plain decoder: TP=1
+        out[arch] = prefill_logits(model, prompts), torch.tensor(generate_greedy(engine, prompts, NEW_TOKENS))
     return out
 
 

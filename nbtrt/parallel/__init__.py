@@ -7,8 +7,10 @@ one process per rank (Gloo on the CPU). See docs/parallel.md.
 >>> [out] = run_tensor_parallel([{"checkpoint": tp2, "input_ids": [[1, 2, 3]], "max_new_tokens": 8}], 2)  # doctest: +SKIP
 """
 from .launch import run_tensor_parallel
-from .layers import greedy_generate, tensor_parallel_decoder
+from .layers import load_rank_decoder, tensor_parallel_decoder
+from .rank_engine import RankEngine, generate_greedy, prefill_logits
 from .sharding import SHARDING, load_rank_tensors, rank_config, shard_checkpoint, shard_tensors
 
 __all__ = ["SHARDING", "rank_config", "shard_tensors", "shard_checkpoint", "load_rank_tensors",
-           "tensor_parallel_decoder", "greedy_generate", "run_tensor_parallel"]
+           "tensor_parallel_decoder", "load_rank_decoder",
+           "RankEngine", "generate_greedy", "prefill_logits", "run_tensor_parallel"]

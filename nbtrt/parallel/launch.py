@@ -24,10 +24,11 @@ DEFAULT_TIMEOUT_S = 300.0
 def run_tensor_parallel(jobs: list[dict], tensor_parallel_size: int, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                         backend: str = "gloo") -> list[dict[str, torch.Tensor]]:
     """Run greedy generation jobs on ``tensor_parallel_size`` ranks; one result per job:
-    ``{"logits": prefill logits [B, T, vocab] fp32, "tokens": new tokens [B, max_new_tokens]}``.
+    ``{"logits": prefill logits [B, T, vocab] fp32, "tokens": new tokens [B, max_new_tokens]}``
+    (prompts left-padded to the longest; tokens through the shared generation loop).
 
     A job is ``{"checkpoint": dir (sharded for this size, or unsharded), "input_ids": [[...], ...],
-    "max_new_tokens": n}`` (rows of equal length: no padding).
+    "max_new_tokens": n}``.
 
     >>> [out] = run_tensor_parallel([{"checkpoint": "work/ckpt", "input_ids": [[1, 2, 3]],
     ...                               "max_new_tokens": 8}], tensor_parallel_size=2)  # doctest: +SKIP

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig
-from ..model import TORCH_DTYPES, Decoder, Rope, StaticKVCache
+from ..model import TORCH_DTYPES, Decoder, Rope
 from .sharding import load_rank_tensors, rank_config
 
 
@@ -99,23 +99,3 @@ def load_rank_decoder(ckpt_dir: str | Path, rank: int, world: int, dtype: str | 
     """:func:`tensor_parallel_decoder` for a checkpoint directory (sharded for ``world`` ranks, or unsharded)."""
     cfg, tensors = load_rank_tensors(ckpt_dir, world, rank)
     return tensor_parallel_decoder(cfg, tensors, rank, world, dtype=dtype)
-
-
-@torch.inference_mode()
-def greedy_generate(model: Decoder, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill ``input_ids`` [B, T] (no padding) into a static KV cache, then decode greedily.
-    Returns (prefill logits [B, T, vocab] fp32, new tokens [B, max_new_tokens]). Works on a plain
-    :class:`Decoder` and on a rank's (every rank runs it in step; all see the same logits).
-
-    >>> logits, tokens = greedy_generate(model, torch.tensor([[1, 2, 3]]), 8)  # doctest: +SKIP
-    """
-    B, T = input_ids.shape
-    cache = StaticKVCache(model.cfg, B, T + max_new_tokens, dtype=model.float_dtype)
-    logits = model(input_ids, cache_position=torch.arange(T), kv=cache)
-    prefill, tokens = logits.float(), []
-    for i in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)
-        tokens.append(token)
-        if i + 1 < max_new_tokens:
-            logits = model(token[:, None], cache_position=torch.tensor([T + i]), kv=cache)
-    return prefill, torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(B, 0)

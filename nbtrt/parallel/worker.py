@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from .layers import greedy_generate, load_rank_decoder
+from .layers import load_rank_decoder
+from .rank_engine import RankEngine, generate_greedy, prefill_logits
 
 
 def _worker(rank: int, world: int, tmp: Path) -> None:
@@ -24,7 +25,9 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
     try:
         for run in job["runs"]:
             model = load_rank_decoder(run["checkpoint"], rank, world)
-            logits, tokens = greedy_generate(model, torch.tensor(run["input_ids"]), run["max_new_tokens"])
+            prompts, n = run["input_ids"], run["max_new_tokens"]
+            logits = prefill_logits(model, prompts)
+            tokens = torch.tensor(generate_greedy(RankEngine(model, max(map(len, prompts)) + n), prompts, n))
             if rank == 0:
                 out = Path(run["out"])
                 save_file({"logits": logits.contiguous(), "tokens": tokens.contiguous()}, out.with_suffix(".tmp"))
