@@ -79,10 +79,24 @@ def test_tp2_checkpoint_refused_at_tp4(checkpoints, tmp_path):
     assert part["embed.tok.weight"].shape[0] == rank_config(cfg, 2).vocab_size == 129
 
 
+def test_wrong_checkpoints_are_refused_before_any_rank_starts(checkpoints, tmp_path):
+    with pytest.raises(ArtifactError, match="config.json is missing"):
+        run_tensor_parallel([{"checkpoint": tmp_path / "missing", "input_ids": [[1]], "max_new_tokens": 1}], 2)
+    tp2 = shard_checkpoint(checkpoints["GPT2LMHeadModel"], tmp_path / "tp2", tensor_parallel_size=2)
+    with pytest.raises(ArtifactError, match="sharded for tensor_parallel_size=2 but tensor_parallel_size=4"):
+        run_tensor_parallel([{"checkpoint": tp2, "input_ids": [[1]], "max_new_tokens": 1}], 4)
+
+
+def test_a_rank_past_its_deadline_is_stopped_not_waited_for(checkpoints):
+    job = {"checkpoint": checkpoints["Qwen2ForCausalLM"], "input_ids": [[1, 2]], "max_new_tokens": 1}
+    with pytest.raises(RuntimeError, match="no result within 0 s"):
+        run_tensor_parallel([job], 2, timeout_s=0.2)  # the ranks are still importing torch
+
+
 @pytest.mark.slow
-def test_a_failing_rank_is_reported_not_hung(checkpoints, tmp_path):
-    job = {"checkpoint": tmp_path / "missing", "input_ids": [[1, 2]], "max_new_tokens": 1}
-    with pytest.raises(RuntimeError, match="(?s)rank 0 failed.*config.json is missing"):
+def test_a_failing_rank_is_reported_not_hung(checkpoints):
+    job = {"checkpoint": checkpoints["Qwen2ForCausalLM"], "input_ids": [[1, 300]], "max_new_tokens": 1}
+    with pytest.raises(RuntimeError, match=r"(?s)rank 0 failed.*outside the vocabulary \[0, 257\): \[300\]"):
         run_tensor_parallel([job], 2, timeout_s=60)
 
 

@@ -4,7 +4,8 @@ one process per rank (Gloo on the CPU). See docs/parallel.md.
 
 >>> from nbtrt.parallel import shard_checkpoint, run_tensor_parallel  # doctest: +SKIP
 >>> tp2 = shard_checkpoint("work/ckpt", "work/ckpt-tp2", tensor_parallel_size=2)  # doctest: +SKIP
->>> [out] = run_tensor_parallel([{"checkpoint": tp2, "input_ids": [[1, 2, 3]], "max_new_tokens": 8}], 2)  # doctest: +SKIP
+>>> [out] = run_tensor_parallel([{"checkpoint": tp2, "input_ids": [[1, 2, 3]], "max_new_tokens": 8}],
+...                             tensor_parallel_size=2)  # doctest: +SKIP
 """
 from .launch import run_tensor_parallel
 from .layers import load_rank_decoder, tensor_parallel_decoder

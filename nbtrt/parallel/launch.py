@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .sharding import check_checkpoint_size
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -40,9 +42,12 @@ def run_tensor_parallel(jobs: list[dict], tensor_parallel_size: int, *, timeout_
         raise ValueError(f"tensor_parallel_size={world!r} must be an integer >= 1")
     if backend != "gloo":  # NCCL needs each rank placed on its own GPU: not done yet (docs/parallel.md)
         raise ValueError(f"backend={backend!r}: only 'gloo' (CPU) is supported so far")
+    for job in jobs:  # a wrong checkpoint or size is named here, before any process starts
+        check_checkpoint_size(job["checkpoint"], world)
     with tempfile.TemporaryDirectory(prefix="nbtrt-tp-") as tmp:
         tmp = Path(tmp)
-        runs = [{"checkpoint": str(Path(j["checkpoint"]).resolve()), "input_ids": [list(map(int, r)) for r in j["input_ids"]],
+        runs = [{"checkpoint": str(Path(j["checkpoint"]).resolve()),
+                 "input_ids": [[int(t) for t in row] for row in j["input_ids"]],
                  "max_new_tokens": int(j["max_new_tokens"]), "out": str(tmp / f"out{i}.safetensors")}
                 for i, j in enumerate(jobs)]
         (tmp / "job.json").write_text(json.dumps({"runs": runs, "backend": backend, "timeout_s": timeout_s}))

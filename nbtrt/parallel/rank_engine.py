@@ -24,12 +24,17 @@ class RankEngine:
     def __init__(self, model: Decoder, max_seq_len: int, pad_token_id: int = 0):
         self.model, self.max_seq_len, self.pad_token_id = model, max_seq_len, pad_token_id
         self.device = model.embed.tok.weight.device
+        # a rank's lm_head knows the whole vocabulary; its config holds only the rank's slice
+        self.vocab_size = getattr(model.lm_head, "vocab_size", model.cfg.vocab_size)
         self.cache: StaticKVCache | None = None
         self._past = 0
 
     def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         if not prompts or not all(prompts):
             raise GenerationError("every prompt needs at least one token")
+        bad = [t for p in prompts for t in p if not 0 <= t < self.vocab_size]
+        if bad:  # a vocabulary-parallel embedding would look such an id up as zeros, silently
+            raise GenerationError(f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         if max(len(p) for p in prompts) + max_new_tokens > self.max_seq_len:
             raise GenerationError(f"prompt + max_new_tokens exceeds max_seq_len={self.max_seq_len}")
 

@@ -128,7 +128,8 @@ def _split_qkv(cfg: DecoderConfig, t: torch.Tensor, world: int, rank: int) -> to
                       heads(v, cfg.num_kv_heads, kv_heads)], dim=0)
 
 
-def shard_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], world: int, rank: int) -> dict[str, torch.Tensor]:
+def shard_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], world: int,
+                  rank: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s slice of an unsharded checkpoint's tensors, by :data:`SHARDING` (names unchanged).
 
     >>> part = shard_tensors(cfg, tensors, world=2, rank=1)  # doctest: +SKIP
@@ -192,6 +193,21 @@ def shard_checkpoint(ckpt_dir: str | Path, out: str | Path, tensor_parallel_size
     return out
 
 
+def check_checkpoint_size(ckpt_dir: str | Path, world: int) -> tuple[DecoderConfig, dict]:
+    """(config, provenance) of a checkpoint that can run on ``world`` ranks: unsharded and divisible by
+    ``world``, or sharded for exactly ``world``; else an error naming both sizes and what to do."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg, meta = load_checkpoint_config(ckpt_dir)
+    recorded = recorded_world_size(meta)
+    if recorded not in (1, world):
+        raise ArtifactError(
+            f"{ckpt_dir} is sharded for tensor_parallel_size={recorded} but tensor_parallel_size={world} was "
+            f"asked for; run it with {recorded} ranks, or shard the unsharded checkpoint again with "
+            f"nbtrt.parallel.shard_checkpoint(..., tensor_parallel_size={world})")
+    check_world_size(cfg, world)
+    return cfg, meta
+
+
 def load_rank_tensors(ckpt_dir: str | Path, world: int, rank: int,
                       verify_hash: bool = False) -> tuple[DecoderConfig, dict[str, torch.Tensor]]:
     """(whole model's config, rank ``rank``'s tensors) for ``world`` ranks: read from a checkpoint sharded
@@ -200,17 +216,10 @@ def load_rank_tensors(ckpt_dir: str | Path, world: int, rank: int,
     >>> cfg, part = load_rank_tensors("work/ckpt-tp2", world=2, rank=0)  # doctest: +SKIP
     """
     ckpt_dir = Path(ckpt_dir)
-    cfg, meta = load_checkpoint_config(ckpt_dir)
-    recorded = recorded_world_size(meta)
-    if recorded == 1:
+    cfg, meta = check_checkpoint_size(ckpt_dir, world)
+    if recorded_world_size(meta) == 1:
         cfg, tensors = load_checkpoint(ckpt_dir, verify_hash=verify_hash)
         return cfg, shard_tensors(cfg, tensors, world, rank)
-    if recorded != world:
-        raise ArtifactError(
-            f"{ckpt_dir} is sharded for tensor_parallel_size={recorded} but tensor_parallel_size={world} was "
-            f"asked for; run it with {recorded} ranks, or shard the unsharded checkpoint again with "
-            f"nbtrt.parallel.shard_checkpoint(..., tensor_parallel_size={world})")
-    check_world_size(cfg, world)
     path = inside(ckpt_dir / rank_file(rank), ckpt_dir, "weight file")
     if verify_hash and file_sha256(path) != meta.get("rank_sha256", [None] * world)[rank]:
         raise ArtifactError(f"{path} does not match the hash recorded in config.json; shard the checkpoint again")
