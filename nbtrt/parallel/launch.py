@@ -42,6 +42,8 @@ def run_tensor_parallel(jobs: list[dict], tensor_parallel_size: int, *, timeout_
         raise ValueError(f"tensor_parallel_size={world!r} must be an integer >= 1")
     if backend != "gloo":  # NCCL needs each rank placed on its own GPU: not done yet (docs/parallel.md)
         raise ValueError(f"backend={backend!r}: only 'gloo' (CPU) is supported so far")
+    if not jobs:
+        return []
     for job in jobs:  # a wrong checkpoint or size is named here, before any process starts
         check_checkpoint_size(job["checkpoint"], world)
     with tempfile.TemporaryDirectory(prefix="nbtrt-tp-") as tmp:
