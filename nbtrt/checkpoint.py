@@ -75,12 +75,21 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = False) -> tuple[De
 
 
 def _weights(ckpt_dir: Path) -> Path:
+    _refuse_sharded(ckpt_dir)
     path = ckpt_dir / WEIGHTS
     if not path.is_file():
         raise ArtifactError(f"{ckpt_dir} has no {WEIGHTS}")
     inside(path, ckpt_dir, "weight file")
     inside(ckpt_dir / "config.json", ckpt_dir, "checkpoint config")
     return path
+
+
+def _refuse_sharded(ckpt_dir: Path) -> None:
+    """A tensor-parallel checkpoint's rank0.safetensors holds only rank 0's slice: say so, not a shape error."""
+    world = int(load_checkpoint_config(ckpt_dir)[1].get("tensor_parallel_size", 1))
+    if world != 1:
+        raise ArtifactError(f"{ckpt_dir} is sharded for tensor_parallel_size={world} (rank0..rank{world - 1}"
+                            ".safetensors); run it with nbtrt.parallel at that size, or use the unsharded checkpoint")
 
 
 def _check_hash(ckpt_dir: Path, meta: dict) -> None:
