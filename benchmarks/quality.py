@@ -17,6 +17,11 @@ formats that matter first and stop the run when time is up — what was measured
 ``formats_not_run`` says what was not. (A candidate's figures depend only on its own logits and
 the fp32 reference's, so measuring one at a time gives the same numbers as all at once, and only
 two fp32 models are ever in memory: all of a 0.5B model's would not fit in 24 GiB.)
+
+``--reuse`` keeps the checkpoints already in ``--work``: a stopped run resumes, and a second process
+with the same settings, ``--work`` and ``--reuse`` can quantize the slow GPTQ formats while the first
+measures the others (the calibration pass runs only when a format that reads it is quantized; GPTQ
+runs its own pass on the same calibration windows).
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ import torch  # noqa: E402
 
 import nbtrt  # noqa: E402
 import nbtrt.quantize as nq  # noqa: E402
+from nbtrt.layouts import FORMATS as LAYOUT_FORMATS  # noqa: E402
+from nbtrt.quantize.gptq import LAYOUTS as GPTQ_FORMATS  # noqa: E402
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -66,6 +73,13 @@ def _engine_eval(label: str, ckpt: Path, hf: Path, work: Path, a) -> dict:
     return result
 
 
+def _needs_calibration(kw: dict) -> bool:
+    """Whether quantize() reads the shared calibration pass (GPTQ reads only its windows: its own pass)."""
+    fmt = kw["fmt"]
+    return bool(kw.get("kv_cache")) or (fmt not in GPTQ_FORMATS and fmt is not None
+                                         and LAYOUT_FORMATS[fmt].needs_calibration)
+
+
 def _checks(rows: dict) -> dict:
     """The targets quant_ppl.py records, and issue 32's GPTQ ones (on whichever formats were measured)."""
     ppl = {k: r["perplexity"] for k, r in rows.items()}
@@ -93,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--eval-docs", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep checkpoints already in --work (written whole or not at all) instead of remaking them: "
+                        "to resume a stopped run, or to quantize slow formats in a second process with the same "
+                        "settings and --work")
     p.add_argument("--out", default=None, help="default: benchmarks/results/quality_<model>.json")
     p.add_argument("--formats", nargs="*", default=list(quant_ppl.FORMATS),
                    help="measured in this order (put the ones that matter first); default: all of "
@@ -137,14 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "benchmark": "quality", "model": a.model,
             "machine": {**machine, "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]}},
-            "settings": {"calibration": cal.summary(), "eval_tokens": evaluation.get("tokens"), "seq_len": a.seq_len,
+            "settings": {"calibration": cal.summary() if cal else calib_record, "eval_tokens": evaluation.get("tokens"), "seq_len": a.seq_len,
                          "evaluation": evaluation, "arithmetic": "float32 on CPU",
                          "quantized_from": "fp16 checkpoint", "reference": "fp32 checkpoint",
                          "formats": {k: quant_ppl.FORMATS[k] for k in a.formats}},
             "rows": list(rows.values()), "checks": _checks(rows), "layer_error": layer_error, "timings_s": timings,
             "formats_not_run": [f for f in a.formats if f not in measured and f not in errors],
             "engine_evals_not_run": [f for f in [*a.formats, "fp32", "fp16"] if f not in evals and f not in errors],
-            "errors": errors,
+            "errors": errors, "reused_checkpoints": reused,
             "date": started, "device": "CPU (" + machine["platform"] + ")",
             "load_average": {"start": load_start, "end": os.getloadavg()},
             "eval": {"source": "kjv held-out chapters", "docs": a.eval_docs, "prompt_tokens": 96,
@@ -158,9 +176,20 @@ def main(argv: list[str] | None = None) -> dict:
     machine = {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                "torch": torch.__version__, "python": sys.version.split()[0]}
     hf = nbtrt.zoo.get(a.model)
-    ref = timed("convert fp32", nbtrt.convert, a.model, work / "fp32", overwrite=True)
-    base = timed("convert fp16", nbtrt.convert, a.model, work / "fp16", dtype="float16", overwrite=True)
-    cal = timed("calibrate", nq.calibrate, base, "kjv", num_samples=a.calib_samples, seq_len=a.seq_len)
+    reused: list[str] = []
+
+    def made(label: str, fn, *args, **kw) -> Path:
+        """work/label: reused when --reuse and a checkpoint is there, else made by fn (timed)."""
+        if a.reuse and (work / label / "config.json").is_file():
+            reused.append(label)
+            print(f"{label}: reusing {work / label}", flush=True)
+            return work / label
+        return timed(f"{'convert' if label in ('fp32', 'fp16') else 'quantize'} {label}", fn, *args, **kw)
+
+    ref = made("fp32", nbtrt.convert, a.model, work / "fp32", overwrite=True)
+    base = made("fp16", nbtrt.convert, a.model, work / "fp16", dtype="float16", overwrite=True)
+    cal = None  # one calibration pass, run when the first format that reads it is quantized
+    calib_record = {"source": "kjv", "num_samples": a.calib_samples, "seq_len": a.seq_len, "seed": 0}
     # perplexity, KL and top-1 of every format first (issue 32's checks need only these), then the engine evals
     # (slow: an int4 engine is several times slower than an fp16 one on the CPU), both in --formats order
     measure("fp16", base)
@@ -168,9 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoints = {}
     for label in a.formats:
         kw = dict(quant_ppl.FORMATS[label])
+        if cal is None and _needs_calibration(kw) and not (a.reuse and (work / label / "config.json").is_file()):
+            cal = timed("calibrate", nq.calibrate, base, "kjv", num_samples=a.calib_samples, seq_len=a.seq_len)
+        calib = cal or "kjv"  # GPTQ reads the same windows from the source name as from the Calibration
+        fmt = kw.pop("fmt")
         try:
-            checkpoints[label] = timed(f"quantize {label}", nq.quantize, base, work / label, kw.pop("fmt"), cal,
-                                       overwrite=True, **kw)
+            checkpoints[label] = made(label, nq.quantize, base, work / label, fmt, calib, overwrite=True,
+                                      num_samples=a.calib_samples, seq_len=a.seq_len, **kw)
         except (ValueError, RuntimeError) as e:  # QuantizationError included; the other formats still count
             errors[label] = f"{type(e).__name__}: {e}"
             print(f"quantize {label}: {errors[label]}", flush=True)
