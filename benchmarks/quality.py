@@ -98,6 +98,63 @@ def _checks(rows: dict) -> dict:
     return checks
 
 
+def merge(out: Path, parts: list[Path]) -> dict:
+    """Fold the JSONs of a split run's other processes (same model and settings) into ``out``.
+
+    Rows, layer errors, engine evals, timings and errors of formats ``out`` lacks are taken from
+    each part; the rows are put in the format table's order and the checks recomputed.
+    """
+    result = json.loads(out.read_text())
+    same = ("model",)
+    for part_path in parts:
+        part = json.loads(part_path.read_text())
+        for key in same:
+            if part[key] != result[key]:
+                raise SystemExit(f"{part_path}: {key} {part[key]!r} differs from {out}'s {result[key]!r}")
+        for key in ("evaluation", "seq_len"):
+            if part["settings"][key] != result["settings"][key]:
+                raise SystemExit(f"{part_path}: settings.{key} differ from {out}'s; it is not part of the same run")
+        if {k: part["settings"]["calibration"][k] for k in ("source", "num_samples", "seq_len", "seed")} != \
+                {k: result["settings"]["calibration"][k] for k in ("source", "num_samples", "seq_len", "seed")}:
+            raise SystemExit(f"{part_path}: a different calibration from {out}'s; it is not part of the same run")
+        if part["eval"]["docs"] != result["eval"]["docs"] or \
+                part["eval"]["max_new_tokens"] != result["eval"]["max_new_tokens"]:
+            raise SystemExit(f"{part_path}: different engine-eval settings from {out}'s")
+        rows = {r["name"]: r for r in result["rows"]}
+        ref, part_ref = rows.get("float32"), next((r for r in part["rows"] if r["name"] == "float32"), None)
+        if ref and part_ref and abs(part_ref["perplexity"] / ref["perplexity"] - 1) > 1e-6:
+            raise SystemExit(f"{part_path}: the fp32 reference's perplexity {part_ref['perplexity']} differs from "
+                             f"{out}'s {ref['perplexity']}: not the same reference or held-out tokens")
+        new = [r for r in part["rows"] if r["name"] not in rows]
+        names = [r["name"] for r in new]
+        result["rows"] += new
+        result["settings"]["formats"].update({k: v for k, v in part["settings"]["formats"].items() if k in names})
+        result["layer_error"].update({k: v for k, v in part["layer_error"].items() if k in names})
+        result["timings_s"].update({k: v for k, v in part["timings_s"].items() if k.split(" ", 1)[-1] in names})
+        result["eval"]["results"].update({k: v for k, v in part["eval"]["results"].items()
+                                          if k not in result["eval"]["results"] or "error" in
+                                          result["eval"]["results"][k]})
+        result["errors"].update(part["errors"])
+        result.setdefault("merged_from", []).append(
+            {"file": part_path.name, "formats": names, "date": part["date"], "load_average": part["load_average"],
+             "machine": part["machine"], "reused_checkpoints": part["reused_checkpoints"]})
+    order = ["float32", "fp16", *quant_ppl.FORMATS]
+    result["rows"].sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    rows = {r["name"]: r for r in result["rows"]}
+    for label, e in result["eval"]["results"].items():
+        if label in rows and "rougeL" in e:
+            rows[label]["rougeL_vs_hf"] = e["rougeL"]
+            rows[label]["exact_match_vs_hf"] = e["exact_match"]
+    result["checks"] = _checks(rows)
+    result["formats_not_run"] = [f for f in result["settings"]["formats"] if f not in rows and f not in result["errors"]]
+    result["engine_evals_not_run"] = [f for f in [*result["settings"]["formats"], "fp32", "fp16"]
+                                      if f not in result["eval"]["results"] and f not in result["errors"]]
+    _write_json(out, result)
+    print(f"merged {', '.join(map(str, parts))} into {out}: {len(result['rows'])} rows; not run: "
+          f"{result['formats_not_run']}; engine evals not run: {result['engine_evals_not_run']}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -111,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="keep checkpoints already in --work (written whole or not at all) instead of remaking them: "
                         "to resume a stopped run, or to quantize slow formats in a second process with the same "
                         "settings and --work")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the fp16 row and the fp32/fp16 engine evals (a second process's part of a split run)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="PART_JSON",
+                   help="measure nothing: fold these JSONs of the same run (--no-baseline processes) into --out")
     p.add_argument("--out", default=None, help="default: benchmarks/results/quality_<model>.json")
     p.add_argument("--formats", nargs="*", default=list(quant_ppl.FORMATS),
                    help="measured in this order (put the ones that matter first); default: all of "
@@ -121,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"unknown format(s) {unknown}; choose from {list(quant_ppl.FORMATS)}")
     work = Path(a.work or f"work/bench-quality-{a.model}")
     out = Path(a.out or f"benchmarks/results/quality_{a.model}.json")
+    if a.merge:
+        return merge(out, a.merge)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = os.getloadavg()  # timings are only comparable on an otherwise idle machine
     timings: dict[str, float] = {}
@@ -161,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "formats": {k: quant_ppl.FORMATS[k] for k in a.formats}},
             "rows": list(rows.values()), "checks": _checks(rows), "layer_error": layer_error, "timings_s": timings,
             "formats_not_run": [f for f in a.formats if f not in measured and f not in errors],
-            "engine_evals_not_run": [f for f in [*a.formats, "fp32", "fp16"] if f not in evals and f not in errors],
+            "engine_evals_not_run": [f for f in [*a.formats, *([] if a.no_baseline else ["fp32", "fp16"])]
+                                     if f not in evals and f not in errors],
             "errors": errors, "reused_checkpoints": reused,
             "date": started, "device": "CPU (" + machine["platform"] + ")",
             "load_average": {"start": load_start, "end": os.getloadavg()},
@@ -192,8 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
     calib_record = {"source": "kjv", "num_samples": a.calib_samples, "seq_len": a.seq_len, "seed": 0}
     # perplexity, KL and top-1 of every format first (issue 32's checks need only these), then the engine evals
     # (slow: an int4 engine is several times slower than an fp16 one on the CPU), both in --formats order
-    measure("fp16", base)
-    write()
+    if not a.no_baseline:
+        measure("fp16", base)
+        write()
     checkpoints = {}
     for label in a.formats:
         kw = dict(quant_ppl.FORMATS[label])
@@ -211,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         measure(label, checkpoints[label])
         write()
-    for label, ckpt in {**checkpoints, "fp32": ref, "fp16": base}.items():
+    baselines = {} if a.no_baseline else {"fp32": ref, "fp16": base}
+    for label, ckpt in {**checkpoints, **baselines}.items():
         evals[label] = _engine_eval(label, ckpt, hf, work, a)
         gc.collect()
         result = write()
