@@ -73,6 +73,15 @@ def _engine_eval(label: str, ckpt: Path, hf: Path, work: Path, a) -> dict:
     return result
 
 
+def _attach_evals(rows: dict, evals: dict) -> None:
+    """Copy each engine eval's ROUGE-L and exact match onto its row (the fp32 engine's onto the float32 row)."""
+    for label, e in evals.items():
+        row = rows.get("float32" if label == "fp32" else label)
+        if row is not None and "rougeL" in e:
+            row["rougeL_vs_hf"] = e["rougeL"]
+            row["exact_match_vs_hf"] = e["exact_match"]
+
+
 def _needs_calibration(kw: dict) -> bool:
     """Whether quantize() reads the shared calibration pass (GPTQ reads only its windows: its own pass)."""
     fmt = kw["fmt"]
@@ -141,10 +150,7 @@ def merge(out: Path, parts: list[Path]) -> dict:
     order = ["float32", "fp16", *quant_ppl.FORMATS]
     result["rows"].sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     rows = {r["name"]: r for r in result["rows"]}
-    for label, e in result["eval"]["results"].items():
-        if label in rows and "rougeL" in e:
-            rows[label]["rougeL_vs_hf"] = e["rougeL"]
-            rows[label]["exact_match_vs_hf"] = e["exact_match"]
+    _attach_evals(rows, result["eval"]["results"])
     result["checks"] = _checks(rows)
     result["formats_not_run"] = [f for f in result["settings"]["formats"] if f not in rows and f not in result["errors"]]
     result["engine_evals_not_run"] = [f for f in [*result["settings"]["formats"], "fp32", "fp16"]
@@ -210,10 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
 
     def write() -> dict:
-        for label, e in evals.items():
-            if label in rows and "rougeL" in e:
-                rows[label]["rougeL_vs_hf"] = e["rougeL"]
-                rows[label]["exact_match_vs_hf"] = e["exact_match"]
+        _attach_evals(rows, evals)
         measured = [f for f in a.formats if f in rows]
         result = {
             "benchmark": "quality", "model": a.model,
