@@ -129,6 +129,8 @@ def merge(out: Path, parts: list[Path]) -> dict:
         if part["eval"]["docs"] != result["eval"]["docs"] or \
                 part["eval"]["max_new_tokens"] != result["eval"]["max_new_tokens"]:
             raise SystemExit(f"{part_path}: different engine-eval settings from {out}'s")
+        if len(part["settings"]["calibration"]) > len(result["settings"]["calibration"]):
+            result["settings"]["calibration"] = part["settings"]["calibration"]  # the full record of the pass
         rows = {r["name"]: r for r in result["rows"]}
         ref, part_ref = rows.get("float32"), next((r for r in part["rows"] if r["name"] == "float32"), None)
         if ref and part_ref and abs(part_ref["perplexity"] / ref["perplexity"] - 1) > 1e-6:
