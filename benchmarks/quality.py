@@ -141,7 +141,8 @@ def merge(out: Path, parts: list[Path]) -> dict:
         result["rows"] += new
         result["settings"]["formats"].update({k: v for k, v in part["settings"]["formats"].items() if k in names})
         result["layer_error"].update({k: v for k, v in part["layer_error"].items() if k in names})
-        result["timings_s"].update({k: v for k, v in part["timings_s"].items() if k.split(" ", 1)[-1] in names})
+        result["timings_s"].update({k: v for k, v in part["timings_s"].items()  # incl. a part's calibration pass
+                                    if k.split(" ", 1)[-1] in names or k not in result["timings_s"]})
         result["eval"]["results"].update({k: v for k, v in part["eval"]["results"].items()
                                           if k not in result["eval"]["results"] or "error" in
                                           result["eval"]["results"][k]})
