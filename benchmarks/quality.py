@@ -155,7 +155,8 @@ def merge(out: Path, parts: list[Path]) -> dict:
     rows = {r["name"]: r for r in result["rows"]}
     _attach_evals(rows, result["eval"]["results"])
     result["checks"] = _checks(rows)
-    result["formats_not_run"] = [f for f in result["settings"]["formats"] if f not in rows and f not in result["errors"]]
+    result["formats_not_run"] = [f for f in result["settings"]["formats"]
+                                 if f not in rows and f not in result["errors"]]
     result["engine_evals_not_run"] = [f for f in [*result["settings"]["formats"], "fp32", "fp16"]
                                       if f not in result["eval"]["results"] and f not in result["errors"]]
     _write_json(out, result)
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "benchmark": "quality", "model": a.model,
             "machine": {**machine, "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]}},
-            "settings": {"calibration": cal.summary() if cal else calib_record, "eval_tokens": evaluation.get("tokens"), "seq_len": a.seq_len,
+            "settings": {"calibration": cal.summary() if cal else calib_record,
+                         "eval_tokens": evaluation.get("tokens"), "seq_len": a.seq_len,
                          "evaluation": evaluation, "arithmetic": "float32 on CPU",
                          "quantized_from": "fp16 checkpoint", "reference": "fp32 checkpoint",
                          "formats": {k: quant_ppl.FORMATS[k] for k in a.formats}},
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     for label, ckpt in {**checkpoints, **baselines}.items():
         evals[label] = _engine_eval(label, ckpt, hf, work, a)
         gc.collect()
-        result = write()
+        write()
+    result = write()
     print(f"{'format':>22} {'MB':>7} {'ppl':>8} {'KL':>7} {'top1':>6} {'ROUGE-L':>8}")
     for row in result["rows"]:
         print(f"{row['name']:>22} {row['size_mb']:7.1f} {row['perplexity']:8.3f} {row['kl']:7.4f} "
