@@ -405,6 +405,7 @@ def test_quantize_options_widget_drives_quantize(tiny, tmp_path):
     _, ckpt, cal = tiny["LlamaForCausalLM"]
     opts = QuantizeOptions("int4_awq", num_samples=8)
     assert opts.group_size.layout.display is None and opts.alpha.layout.display == "none"
+    assert opts.kv_cache.label == "none"  # shown as "none", not a blank
     opts.format.value = "int8_sq"
     opts.alpha.value = 0.8
     assert opts.alpha.layout.display is None and opts.group_size.layout.display == "none"
