@@ -25,6 +25,7 @@ from typing import Sequence
 RENDERER = "plotly_mimetype+notebook"
 CONNECTED_RENDERER = "plotly_mimetype+notebook_connected"
 LOG_FLOOR = 1e-12  # exact matches (error 0) are drawn here on log axes; hover shows the true value
+THRESHOLD_DASHES = ("dash", "dot", "dashdot", "longdash")  # one style per tolerance line: two must not look alike
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -79,9 +80,11 @@ def error_lines(series: dict[str, tuple[Sequence, Sequence[float]]], *,
                 hovertemplate="first divergence %{x}<br>%{customdata:.3e}<extra></extra>"))
     lines = threshold if isinstance(threshold, dict) else ({"threshold": threshold} if threshold is not None else {})
     xs = list(dict.fromkeys(v for x, _ in series.values() for v in x))
-    for name, value in lines.items():
+    for i, (name, value) in enumerate(lines.items()):
+        line = {"dash": THRESHOLD_DASHES[i % len(THRESHOLD_DASHES)], "color": "gray" if i % 2 == 0 else "black",
+                "width": 1.5 + (i % 2)}
         fig.add_trace(go.Scatter(x=[xs[0], xs[-1]] if xs else [], y=[value, value], mode="lines", name=name,
-                                 customdata=[value, value], line={"dash": "dash", "color": "gray"},
+                                 customdata=[value, value], line=line,
                                  hovertemplate=html.escape(name) + " %{customdata:.3e}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white",
                       height=420, legend={"orientation": "h", "y": -0.25})
