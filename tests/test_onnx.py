@@ -390,8 +390,6 @@ def test_build_options_widget(tiny, tmp_path):
     edir = nbtrt.build(ckpt, tmp_path / "e", **opts.kwargs)
     summary = nbtrt.export.engine_summary(edir)
     assert {f["file"] for f in summary["files"]} >= {"model.onnx", "model.onnx.data"}
-
-
     assert {r["weight"] for r in summary["linears"]} == {"float16"}
     assert summary["linears"][0] == {"module": "layers.0.attn.qkv", "weight": "float16", "block": None,
                                      "activation": "float16", "in x out": [64, 128]}
@@ -411,7 +409,6 @@ def test_memory_view_follows_the_build_options(tiny, capsys):
     assert "max_batch_size=2, max_seq_len=32" in capsys.readouterr().out
     opts.max_seq_len.value = 64
     assert "max_batch_size=2, max_seq_len=64" in capsys.readouterr().out
-
 
 
 def test_tensorrt_profiles_cover_the_limits(tiny):
