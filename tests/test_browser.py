@@ -1,8 +1,10 @@
 """The notebooks in a real browser: JupyterLab on loopback, Debian's Chromium through Playwright.
 
 What a person would see: the chat answer growing while it streams and Stop ending it, the
-layer-diff figure drawn with its traces, the build progress bar advancing to completion.
-Screenshots land in build/screenshots/.
+layer-diff figure drawn with its traces, the SmoothQuant figure on a log axis, the build progress
+bar advancing to completion, and 04 chatting with the engine 03 built. Screenshots land in
+build/screenshots/ (not committed) for a person to look at: 01's layer diff, 02's SmoothQuant
+figure, 04's chat after two turns.
 """
 import re
 import shutil
@@ -21,13 +23,18 @@ NOTEBOOK_TIMEOUT_S = 1200
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    SHOTS.mkdir(parents=True, exist_ok=True)
+def notebook_root(tmp_path_factory):
     # a copy: JupyterLab autosaves, and the committed notebooks stay without outputs
     root = tmp_path_factory.mktemp("notebooks")
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         shutil.copy(notebook, root / notebook.name)
-    with jupyter_lab(root, SHOTS / "jupyterlab.log") as server:
+    return root
+
+
+@pytest.fixture(scope="module")
+def lab(notebook_root):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with jupyter_lab(notebook_root, SHOTS / "jupyterlab.log") as server:
         yield server
 
 
@@ -59,8 +66,21 @@ def test_convert_draws_the_layer_diff(page, lab):
     layer_diffs = [f for f in figures if re.search(r"layer", f["title"], re.I)]
     assert layer_diffs, f"no layer-diff figure among {figures}"
     assert any(f["traces"] > 0 and f["points"] > 0 and f["drawn"] > 0 for f in layer_diffs), layer_diffs
-    page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
-    page.screenshot(path=str(SHOTS / "01_convert-layer-diff.png"))
+    layer_diff = page.locator(".js-plotly-plot").filter(has_text="Error vs layer").first
+    layer_diff.scroll_into_view_if_needed()
+    layer_diff.screenshot(path=str(SHOTS / "01_convert-layer-diff.png"))
+
+
+def test_quantize_draws_smoothquant_on_a_log_axis(page, lab):
+    run_notebook(page, lab, "02_quantize.ipynb")
+    figure = page.locator(".js-plotly-plot").filter(has_text="Input channels of").first
+    figure.scroll_into_view_if_needed()
+    drawn = figure.evaluate("g => ({yaxis: g.layout.yaxis.type, traces: g.data.length,"
+                            " points: g.data.map(t => (t.y || []).length),"
+                            " lines: g.querySelectorAll('.scatterlayer .trace path.js-line').length})")
+    assert drawn["yaxis"] == "log" and drawn["traces"] == 2, drawn  # before and after smoothing
+    assert min(drawn["points"]) > 0 and drawn["lines"] == 2, drawn
+    figure.screenshot(path=str(SHOTS / "02_quantize-smoothquant.png"))
 
 
 def test_build_progress_bar_advances_and_completes(page, lab):
@@ -72,8 +92,17 @@ def test_build_progress_bar_advances_and_completes(page, lab):
     assert any(width == 100 for _, width in build), f"build bar never completed: {sorted(set(build))}"
 
 
-def test_chat_widget_streams_and_stops(page, lab):
+def test_chat_widget_streams_and_stops(page, lab, notebook_root):
+    engine_json = notebook_root / "work" / "build" / "engine" / "engine.json"
+    if not engine_json.is_file():  # run alone: 03 builds the engine 04 must use
+        run_notebook(page, lab, "03_build.ipynb")
+    built = engine_json.read_bytes()
     run_notebook(page, lab, "04_chat.ipynb")
+    # 04 chats with 03's engine, says which, and did not build another
+    outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+    assert any("Chatting with work/build/engine" in t for t in outputs), outputs[:5]
+    assert not any("No engine at" in t for t in outputs)
+    assert engine_json.read_bytes() == built
     box = page.get_by_placeholder("Type a message; Enter sends").last
     chat = page.locator(".widget-vbox").filter(has=box).last
     chat.scroll_into_view_if_needed()
@@ -104,4 +133,5 @@ def test_chat_widget_streams_and_stops(page, lab):
                            timeout=30_000)
     page.wait_for_function(expect_enabled, arg=send.element_handle(), timeout=120_000)
     assert "error" not in chat.inner_text().split("Say hello.")[-1].lower()
-    page.screenshot(path=str(SHOTS / "04_chat-next-answer.png"))
+    chat.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "04_chat-two-turns.png"))
