@@ -100,7 +100,7 @@ def table(result: dict) -> str:
         lines.append(f"{r['runner']:24} {r['precision']:8} {r['workload']:38} {r['tokens_per_s']:9.1f} "
                      f"{r['requests_per_s']:7.2f} {r['ttft_p50_ms']:8.1f} {f(r['tpot_p50_ms'], '8.2f')} "
                      f"{r['latency_p50_s']:7.2f} {r['latency_p95_s']:7.2f} {r['peak_mem_mib']:7.0f} "
-                     f"{f(r['speedup_vs_hf_eager'], '6.2f')} {f(r['tok_s_spread_pct'], '6.0f')}%")
+                     f"{f(r['speedup_vs_hf_eager'], '6.2f')} {f(r['tok_s_spread_pct'], '6.0f') + '%' if r['tok_s_spread_pct'] is not None else '      -'}")
     return "\n".join(lines)
 
 
