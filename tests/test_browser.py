@@ -100,7 +100,8 @@ def test_chat_widget_streams_and_stops(page, lab, notebook_root):
     built = engine_json.read_bytes()
     run_notebook(page, lab, "04_chat.ipynb")
     # 04 chats with 03's engine, says which, and did not build another
-    outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+    # textContent, not innerText: JupyterLab skips rendering cells out of view (content-visibility)
+    outputs = page.locator(".jp-OutputArea-output").all_text_contents()
     assert any("Chatting with work/build/engine" in t for t in outputs), outputs[:5]
     assert not any("No engine at" in t for t in outputs)
     assert engine_json.read_bytes() == built
