@@ -117,6 +117,14 @@ def test_chat_widget_streams_and_stops(page, lab, notebook_root):
     stop = chat.get_by_role("button", name="Stop")
     send_enabled = "el => !el.disabled"
 
+    def answered(action, timeout_ms):
+        """Do ``action`` and wait for the new turn to finish (Send may not be disabled yet right after the click)."""
+        before = finished.count()
+        action()
+        page.wait_for_function(
+            "([hist, send, n]) => hist.querySelectorAll('.nbtrt-chat-turn:not(.nbtrt-chat-live)').length > n"
+            " && !send.disabled", arg=[history.element_handle(), send.element_handle(), before], timeout=timeout_ms)
+
     # Enter adds a line to the multi-line input; it does not send
     turns_before = finished.count()
     box.fill("first line")
@@ -144,8 +152,7 @@ def test_chat_widget_streams_and_stops(page, lab, notebook_root):
     # the engine is ready for the next message at once; user text is shown exactly as typed
     typed = "Say hello. <b>bold</b> **x**"
     box.fill(typed)
-    send.click()
-    page.wait_for_function(send_enabled, arg=send.element_handle(), timeout=120_000)
+    answered(lambda: send.click(), 120_000)
     hello = finished.first
     assert typed in hello.locator(".nbtrt-chat-user").inner_text()
     assert hello.locator(".nbtrt-chat-user b, .nbtrt-chat-user strong").count() == 0
@@ -163,8 +170,7 @@ def test_chat_widget_streams_and_stops(page, lab, notebook_root):
     # compare mode: the first-difference line, and the note that both sides share the CPU
     chat.get_by_label("compare with the HF reference").check()
     box.fill("Name three primary colors.")
-    send.click()
-    page.wait_for_function(send_enabled, arg=send.element_handle(), timeout=180_000)
+    answered(lambda: send.click(), 180_000)
     assert chat.locator(".nbtrt-chat-reference").is_visible()
     line = chat.locator(".nbtrt-chat-compare").inner_text()
     assert re.search(r"compare: (identical|first difference at token \d+: engine .* vs HF .*)", line), line
