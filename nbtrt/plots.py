@@ -25,6 +25,8 @@ from typing import Sequence
 RENDERER = "plotly_mimetype+notebook"
 CONNECTED_RENDERER = "plotly_mimetype+notebook_connected"
 LOG_FLOOR = 1e-12  # exact matches (error 0) are drawn here on log axes; hover shows the true value
+THRESHOLD_DASHES = ("dash", "dot", "dashdot", "longdash")  # one style per tolerance line: two must not look alike
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross", "triangle-down", "pentagon")
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -45,6 +47,17 @@ def _plotted(v: float) -> float | None:
     if v is None or not math.isfinite(v):
         return None
     return max(v, LOG_FLOOR)
+
+
+def _upper_half(value: float, values: Sequence[float], log_y: bool) -> bool:
+    """Whether ``value`` lies in the upper half of the drawn range of ``values`` (log or linear)."""
+    drawn = [_plotted(v) if log_y else v for v in values]
+    drawn = [v for v in drawn if v is not None and math.isfinite(v)]
+    here = _plotted(value) if log_y else value
+    if not drawn or here is None:
+        return True
+    f = math.log10 if log_y else (lambda v: v)
+    return f(here) >= (f(min(drawn)) + f(max(drawn))) / 2
 
 
 def error_lines(series: dict[str, tuple[Sequence, Sequence[float]]], *,
@@ -72,16 +85,21 @@ def error_lines(series: dict[str, tuple[Sequence, Sequence[float]]], *,
             hovertemplate="%{x}<br>%{customdata:.3e}<extra>" + html.escape(label) + "</extra>"))
         if marks and label in marks:
             mx, my, text = marks[label]
+            # a mark in the upper half of the errors gets its label below it: above, the plot's top cuts it
+            upper = _upper_half(my, [v for _, ys in series.values() for v in ys], log_y)
             fig.add_trace(go.Scatter(
                 x=[mx], y=[_plotted(my) if log_y else my], customdata=[my], mode="markers+text", text=[text],
-                textposition="top center", name=f"{label}: first divergence", showlegend=False,
+                textposition="bottom right" if upper else "top right", cliponaxis=False,
+                name=f"{label}: first divergence", showlegend=False,
                 marker={"symbol": "x", "size": 14, "color": color, "line": {"width": 2}},
                 hovertemplate="first divergence %{x}<br>%{customdata:.3e}<extra></extra>"))
     lines = threshold if isinstance(threshold, dict) else ({"threshold": threshold} if threshold is not None else {})
     xs = list(dict.fromkeys(v for x, _ in series.values() for v in x))
-    for name, value in lines.items():
+    for i, (name, value) in enumerate(lines.items()):
+        line = {"dash": THRESHOLD_DASHES[i % len(THRESHOLD_DASHES)], "color": "gray" if i % 2 == 0 else "black",
+                "width": 1.5 + (i % 2)}
         fig.add_trace(go.Scatter(x=[xs[0], xs[-1]] if xs else [], y=[value, value], mode="lines", name=name,
-                                 customdata=[value, value], line={"dash": "dash", "color": "gray"},
+                                 customdata=[value, value], line=line,
                                  hovertemplate=html.escape(name) + " %{customdata:.3e}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white",
                       height=420, legend={"orientation": "h", "y": -0.25})

@@ -4,7 +4,12 @@
 Each notebook runs with nbclient in a kernel that is *this* interpreter (so the venv's
 nbtrt, torch, ... are the ones used), with its own folder as the working directory.
 Executed copies go to build/notebooks/, and build/summary.md lists each notebook's
-status and runtime plus every output line that starts with "SUMMARY:".
+status and runtime plus every output line that starts with "SUMMARY:" (and says so when a
+notebook printed none). Each notebook's kernel is shut down when the notebook ends, so idle
+kernels do not hold memory while the next one runs. The executed copies keep the widgets'
+final state, and each widget output's plain-text form is replaced by a text stand-in drawn from
+that state (a progress bar's final count, a dropdown's choice, an output area's text) instead of
+the ``VBox(children=...`` repr captured when the widget was first shown.
 Exits non-zero if any notebook fails, naming the failing cell.
 
     .venv/bin/python scripts/run_notebooks.py                 # all of notebooks/*.ipynb
@@ -14,8 +19,10 @@ Exits non-zero if any notebook fails, naming the failing cell.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -69,6 +76,59 @@ def summary_lines(nb) -> list[str]:
     return lines
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def widget_text(model_id: str, states: dict, depth: int = 0) -> str:
+    """A plain-text stand-in for a widget from its saved state (children one per line, or side
+    by side in an HBox, as the browser lays them out)."""
+    state = states.get(model_id, {}).get("state", {})
+    if depth > 20 or not state:
+        return ""
+    name = state.get("_model_name", "")
+    if state.get("children") is not None:
+        parts = [widget_text(c.removeprefix("IPY_MODEL_"), states, depth + 1) for c in state["children"]]
+        return ("  " if name == "HBoxModel" else "\n").join(p for p in parts if p)
+    if name == "OutputModel":
+        return "\n".join(_plain(o) for o in state.get("outputs", [])).strip()
+    description = state.get("description") or ""
+    label = f"{description}: " if description else ""
+    if "Progress" in name:
+        value, top = float(state.get("value") or 0), float(state.get("max") or 0)
+        filled = int(20 * value / top) if top else 0
+        return f"{label}[{'#' * filled}{'.' * (20 - filled)}] {value:g}/{top:g}"
+    if "index" in state and state.get("_options_labels") is not None:  # Dropdown, ToggleButtons, Select
+        index, labels = state["index"], state["_options_labels"]
+        chosen = [labels[i] for i in index] if isinstance(index, list) else ([labels[index]] if index is not None else [])
+        return f"{label}{', '.join(map(str, chosen))}"
+    if name in ("HTMLModel", "HTMLMathModel", "LabelModel"):
+        return re.sub(r"<[^>]+>", "", html.unescape(str(state.get("value", "")))).strip()
+    if name == "ButtonModel":
+        return f"[{description}]"
+    if "value" in state:
+        return f"{label}{state['value']}"
+    return ""
+
+
+def _plain(output) -> str:
+    text = output_text(output)
+    return "".join(text) if isinstance(text, list) else text
+
+
+def add_widget_stand_ins(nb) -> int:
+    """Give every widget output a text/plain stand-in drawn from the widget's final saved state."""
+    states = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    replaced = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            if view:
+                text = widget_text(view.get("model_id", ""), states)
+                output["data"]["text/plain"] = text or "(an interactive widget: open the notebook in JupyterLab)"
+                replaced += 1
+    return replaced
+
+
 def failing_cell(nb) -> str:
     for i, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
@@ -90,7 +150,8 @@ def run_one(path: Path, out_dir: Path, kernel_dir: Path, timeout: int) -> Result
                             resources={"metadata": {"path": str(path.parent)}})
     t0 = time.perf_counter()
     try:
-        client.execute()
+        # the kernel manager is ours, not the client's: without cleanup_kc the kernel outlives the notebook
+        client.execute(cleanup_kc=True)
         result.ok = True
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as exc:
         result.failure = failing_cell(nb) or f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
@@ -100,10 +161,23 @@ def run_one(path: Path, out_dir: Path, kernel_dir: Path, timeout: int) -> Result
         result.failure = f"{type(exc).__name__}: {exc}"
     finally:
         result.seconds = time.perf_counter() - t0
+        _shut_down(client)
+        client.set_widgets_metadata()  # also when a cell failed: the widgets made so far
+        add_widget_stand_ins(nb)
         out_dir.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, out_dir / path.name)
     result.summary = summary_lines(nb)
     return result
+
+
+def _shut_down(client) -> None:
+    """Stop the notebook's kernel if execution left it running (an error, a timeout)."""
+    km = client.km
+    if km is not None and km.has_kernel:
+        try:
+            km.shutdown_kernel(now=False)
+        except Exception:  # already dead, or will not stop gracefully
+            km.shutdown_kernel(now=True)
 
 
 def write_summary(results: list[Result], out: Path, nb_dir: Path) -> None:
@@ -115,11 +189,10 @@ def write_summary(results: list[Result], out: Path, nb_dir: Path) -> None:
         lines += ["| notebook | status | runtime (s) |", "|---|---|---|"]
         lines += [f"| {r.path.name} | {'ok' if r.ok else 'FAILED'} | {r.seconds:.1f} |" for r in results]
         for r in results:
-            if r.failure or r.summary:
-                lines += ["", f"## {r.path.name}", ""]
+            lines += ["", f"## {r.path.name}", ""]
             if r.failure:
                 lines.append(f"FAILED at {r.failure}")
-            lines += [f"- {s}" for s in r.summary]
+            lines += [f"- {s}" for s in r.summary] or ["- (no SUMMARY: line: the notebook should print one)"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
 
@@ -143,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_one(path, args.out / "notebooks", Path(kdir), args.timeout)
             print(f"[notebooks] {path.name}: {'ok' if r.ok else 'FAILED at ' + r.failure} ({r.seconds:.1f} s)",
                   flush=True)
-            for s in r.summary:
+            for s in r.summary or ["(no SUMMARY: line: the notebook should print one)"]:
                 print(f"    {s}", flush=True)
             results.append(r)
     write_summary(results, args.out / "summary.md", nb_dir)

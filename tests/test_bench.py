@@ -86,6 +86,25 @@ def test_tiny_bench_end_to_end(tiny_src, tmp_path):
     assert torch_row.endswith(f"| {tps:.1f} ({speedup:.2f}×) |")
     assert any(line.startswith("Skipped: `nbtrt-tensorrt`: ") for line in md)
 
+    # the repeats are kept, their spread shown, and a busy machine or disagreeing repeats are flagged
+    fixed_r = by[("nbtrt-torch", loads[0].name)]
+    assert len(fixed_r["tokens_per_s_repeats"]) == 2
+    assert fixed_r["tokens_per_s"] == pytest.approx(sum(fixed_r["tokens_per_s_repeats"]) / 2)
+    cores = saved["machine"]["cpu_count"]
+    quiet = {**saved, "machine": {**saved["machine"], "load_average_1_5_15": [0.0, 0.0, 0.0]},
+             "results": [{**r, "load_average_1m": 0.0, "tokens_per_s_repeats": [10.0, 10.5]} if r["status"] == "ok"
+                         else r for r in saved["results"]]}
+    assert B.warnings(quiet) == [] and "⚠" not in B.BenchReport(quiet)._repr_html_()
+    busy = {**quiet, "machine": {**quiet["machine"], "load_average_1_5_15": [2.0 * cores, 0, 0]}}
+    assert [w.split(":")[0] for w in B.warnings(busy)] == ["BUSY MACHINE"]
+    noisy = {**quiet, "results": [dict(r, tokens_per_s_repeats=[10.0, 20.0]) if r["runner"] == "hf-eager" else r
+                                  for r in quiet["results"]]}
+    (disagree,) = B.warnings(noisy)
+    assert disagree.startswith("REPEATS DISAGREE") and "hf-eager" in disagree and "nbtrt-torch" not in disagree
+    html = B.BenchReport(noisy)._repr_html_()
+    assert "REPEATS DISAGREE" in html and "tok_s_spread_pct" in html and "<table>" in html
+    assert B.table(noisy).startswith("!! REPEATS DISAGREE")
+
 
 def test_token_counts_equal_what_was_generated(tiny_src, tmp_path):
     """The JSON's token count is what the engine produced, counted independently by a spy on the runner."""

@@ -228,6 +228,11 @@ def test_threshold_by_precision(models):
     assert r.first_divergence is None, r.summary()
     strict = r.divergence(metrics.PRECISION_TOLERANCE["float32"])
     assert strict is not None and strict.name == "embed"  # bf16 rounding shows at the first tensor
+    # two precisions, two tolerance lines, told apart by their style (not only by hover)
+    exact = compare(hf, decoder_from_tensors(cfg, tensors), input_ids=IDS)
+    fig = nbtrt.debug.error_vs_layer({"float32": exact, "bfloat16": r}, kind="block")
+    tolerances = [t for t in fig.data if t.name.startswith("threshold")]
+    assert len(tolerances) == 2 and tolerances[0].line.dash != tolerances[1].line.dash
     assert compare(hf, half, input_ids=IDS, threshold=0.5, metric="max_abs").metric == "max_abs"
     with pytest.raises(ValueError, match="pass a number"):
         compare(hf, half, input_ids=IDS, threshold="fp16", metric="max_abs")
@@ -258,6 +263,13 @@ def test_lab_names_the_first_tensor_the_bug_touches(models, bug, arch):
     # and bisection, running only what it needs, agrees
     b = bisect(hf, lab.inject((cfg, tensors), bug), input_ids=IDS)
     assert b.first_divergence is not None and b.first_divergence.name == d.name
+    # its table and figure show every probe it made, the last one over the threshold
+    rows = b.table()
+    assert len(rows) == len(b.steps) and rows[-1]["over threshold"] and d.name in rows[-1]["tensors"]
+    assert d.name in b._repr_html_() and "<table>" in b._repr_html_()
+    fig = b.figure()
+    assert list(fig.data[0].customdata) == [r[b.metric] for r in rows]
+    assert fig.data[1].name == "threshold" and fig.data[1].y[0] == b.threshold
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -395,6 +395,22 @@ def test_build_options_widget(tiny, tmp_path):
                                      "activation": "float16", "in x out": [64, 128]}
 
 
+def test_memory_view_follows_the_build_options(tiny, capsys):
+    """The memory figure redraws when a limit changes (outside a kernel the Output widget's
+    displays go to stdout, which is what this reads)."""
+    from nbtrt.config import load_checkpoint_config
+    from nbtrt.widgets import BuildOptions
+    from nbtrt.widgets.build import memory_view
+
+    _, ckpt, *_ = tiny("Qwen2ForCausalLM")
+    cfg, _ = load_checkpoint_config(ckpt)
+    opts = BuildOptions(max_batch_size=2, max_input_len=16, max_seq_len=32)
+    memory_view(cfg, opts)
+    assert "max_batch_size=2, max_seq_len=32" in capsys.readouterr().out
+    opts.max_seq_len.value = 64
+    assert "max_batch_size=2, max_seq_len=64" in capsys.readouterr().out
+
+
 def test_tensorrt_profiles_cover_the_limits(tiny):
     """The optimization profiles TensorRT would get (pure Python: the only part of the TensorRT
     backend that runs without tensorrt): every shape the ONNX Runtime engine accepted in

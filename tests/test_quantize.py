@@ -321,6 +321,23 @@ def test_report_matches_hf_perplexity(tiny, quantized):
     assert len(s.kl) == 3 and set(s.recommended) <= {"layers.0", "layers.1", "layers.2"}
     assert r.figure().data and r.layer_figure().data and s.figure().data
     assert "perplexity" in r._repr_html_()
+    # one legend entry per format and no text on the points (labels of same-size formats overlapped)
+    assert [t.name for t in r.figure().data] == [row["name"] for row in r.rows]
+    assert all(t.mode == "markers" and len(t.x) == 1 for t in r.figure().data)
+
+
+def test_smoothquant_figure_is_a_sorted_profile_on_a_log_axis(tiny):
+    from nbtrt.quantize import plots as qplots
+
+    _, ckpt, cal = tiny["LlamaForCausalLM"]
+    name = "layers.0.mlp.gate"
+    s = smoothquant.preview(load_decoder(ckpt), cal.inputs, name, 0.5)
+    fig = qplots.activation_channels(cal, name, s)
+    assert fig.layout.yaxis.type == "log" and len(fig.data) == 2
+    for trace, values in zip(fig.data, (cal.inputs[name].chan_max, cal.inputs[name].chan_max / s)):
+        assert list(trace.y) == sorted(trace.y, reverse=True)  # largest channel first
+        assert sorted(trace.customdata) == list(range(len(values)))  # hover names every channel once
+        np.testing.assert_allclose(trace.y, values[list(trace.customdata)].float().numpy(), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------ bad input: clear errors, nothing written
@@ -405,6 +422,7 @@ def test_quantize_options_widget_drives_quantize(tiny, tmp_path):
     _, ckpt, cal = tiny["LlamaForCausalLM"]
     opts = QuantizeOptions("int4_awq", num_samples=8)
     assert opts.group_size.layout.display is None and opts.alpha.layout.display == "none"
+    assert opts.kv_cache.label == "none"  # shown as "none", not a blank
     opts.format.value = "int8_sq"
     opts.alpha.value = 0.8
     assert opts.alpha.layout.display is None and opts.group_size.layout.display == "none"

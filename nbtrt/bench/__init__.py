@@ -26,14 +26,14 @@ results: :func:`results_dir`, ``NBTRT_RESULTS``), :mod:`.figures` (plotly), :mod
 from .cli import add_cli
 from .figures import (fig_latency, fig_memory, fig_quality_speed, fig_speedup, fig_tokens_vs_batch,
                       quality_speed)
-from .report import gpu_runs, latest, llama8b_rows, markdown, results_dir, rows, table
+from .report import BenchReport, gpu_runs, latest, llama8b_rows, markdown, results_dir, rows, table, warnings
 from .runners import SHORT_DTYPE, Runner, engine_runner, hf_runner, machine, measure, skipped
 from .stats import percentile, request_metrics, summarize
 from .suite import RUNNERS, bench, make_runners, run_all
 from .workloads import SHAREGPT_SHAPE, Workload, fixed, sharegpt_like
 
 __all__ = ["add_cli", "fig_latency", "fig_memory", "fig_quality_speed", "fig_speedup", "fig_tokens_vs_batch",
-           "quality_speed", "gpu_runs", "latest", "llama8b_rows", "markdown", "results_dir", "rows", "table",
+           "quality_speed", "BenchReport", "warnings", "gpu_runs", "latest", "llama8b_rows", "markdown", "results_dir", "rows", "table",
            "SHORT_DTYPE", "Runner", "engine_runner", "hf_runner", "machine", "measure", "skipped", "percentile",
            "request_metrics", "summarize", "RUNNERS", "bench", "make_runners", "run_all", "SHAREGPT_SHAPE",
            "Workload", "fixed", "sharegpt_like"]

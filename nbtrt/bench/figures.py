@@ -1,6 +1,8 @@
 """Plotly figures of benchmark results (the notebooks' plots)."""
 from __future__ import annotations
 
+from ..plots import COLORS, SYMBOLS
+
 
 def _label(r: dict) -> str:
     return f"{r['runner']} {r['precision']}"
@@ -28,8 +30,10 @@ def fig_tokens_vs_batch(runs: list[dict], title: str = "Generation throughput vs
             lines.setdefault(_label(r), []).append((r["batch_size"], r["tokens_per_s"]))
     fig = go.Figure([go.Scatter(x=[b for b, _ in sorted(v)], y=[t for _, t in sorted(v)], name=k, mode="lines+markers")
                      for k, v in lines.items()])
+    batches = sorted({b for v in lines.values() for b, _ in v})
     fig.update_layout(title=title, xaxis_title="batch size", yaxis_title="tokens/s", template="plotly_white",
                       height=420, xaxis_type="log", yaxis_type="log")
+    fig.update_xaxes(tickmode="array", tickvals=batches, ticktext=[str(b) for b in batches])  # no 1.5, 2.5 ticks
     return fig
 
 
@@ -84,11 +88,17 @@ def fig_quality_speed(points: list[dict]):
     """Perplexity against tokens/s per precision: the deployment trade-off in one picture."""
     import plotly.graph_objects as go
 
+    # colour = runner, symbol = precision, both in the legend: text labels on the points overlap
+    # where two precisions have about the same speed and perplexity
     fig = go.Figure()
-    for runner in dict.fromkeys(p["runner"] for p in points):
-        pts = [p for p in points if p["runner"] == runner]
-        fig.add_trace(go.Scatter(x=[p["tokens_per_s"] for p in pts], y=[p["perplexity"] for p in pts], name=runner,
-                                 mode="markers+text", text=[p["precision"] for p in pts], textposition="top center"))
+    runners = list(dict.fromkeys(p["runner"] for p in points))
+    precisions = list(dict.fromkeys(p["precision"] for p in points))
+    for p in points:
+        i, j = runners.index(p["runner"]), precisions.index(p["precision"])
+        fig.add_trace(go.Scatter(x=[p["tokens_per_s"]], y=[p["perplexity"]], name=f"{p['runner']} {p['precision']}",
+                                 mode="markers", marker={"size": 12, "color": COLORS[i % len(COLORS)],
+                                                         "symbol": SYMBOLS[j % len(SYMBOLS)]},
+                                 hovertemplate="%{x:.1f} tokens/s<br>perplexity %{y:.3f}<extra>%{fullData.name}</extra>"))
     fig.update_layout(title="Perplexity vs speed per precision", xaxis_title="tokens/s",
                       yaxis_title="perplexity (lower is better)", template="plotly_white", height=420)
     return fig

@@ -204,6 +204,9 @@ def measure(runner: Runner, workload: Workload, vocab_size: int, warmup: int = 1
         **base, "status": "ok", "batch_size": bs, "num_requests": len(prompts), "repeats": workload.repeats,
         "prompt_tokens": sum(len(p) for p in prompts), "generated_tokens": produced[0],
         "tokens_per_s": float(np.median([t / w for t, w in zip(produced, walls)])),
+        # each repeat's own figure: how far they disagree tells whether the machine was quiet
+        "tokens_per_s_repeats": [t / w for t, w in zip(produced, walls)],
+        **({"load_average_1m": round(os.getloadavg()[0], 2)} if hasattr(os, "getloadavg") else {}),
         "requests_per_s": float(np.median([len(prompts) / w for w in walls])),
         "wall_s": summarize(walls),
         "ttft_s": summarize([r["ttft"] for r in per_request]),

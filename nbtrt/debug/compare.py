@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .capture import KIND_LABELS, Probe, Source, SourceLike, TokenIds, as_source, probes
-from .figures import error_vs_layer, heatmap, histogram, topk_table
+from .figures import bisect_figure, error_vs_layer, heatmap, histogram, topk_table
 
 
 @dataclass
@@ -316,6 +316,34 @@ class Bisection:
     steps: list[dict]  # {"tensors": [...], "errors": {...}, "blocks_run": n}
     blocks_run: dict[str, int]  # blocks executed per model ("reference", "candidate")
     num_layers: int
+    threshold: float = float("nan")
+    metric: str = "rel_l2"
+
+    def table(self) -> list[dict]:
+        """One row per candidate run: what it captured, its worst error, and whether that is over the threshold."""
+        rows = []
+        for i, step in enumerate(self.steps, 1):
+            worst = max(step["errors"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else float("inf"))
+            rows.append({"probe": i, "tensors": ", ".join(step["tensors"]), "worst tensor": worst[0],
+                         self.metric: worst[1], "over threshold": exceeds(worst[1], self.threshold)})
+        return rows
+
+    def figure(self):
+        """The probes in the order they ran: worst error per probe against the threshold (log axis)."""
+        return bisect_figure(self)
+
+    def _repr_html_(self) -> str:
+        runs = ", ".join(f"{k} {v}" for k, v in self.blocks_run.items())
+        head = (f"<p><b>First divergence: {html.escape(str(self.first_divergence or 'none'))}</b><br>"
+                f"{len(self.steps)} candidate runs; blocks executed: {html.escape(runs)} "
+                f"(a full pass is {self.num_layers}); threshold {self.threshold:.3g} ({html.escape(self.metric)})</p>")
+        cols = ["probe", "tensors", "worst tensor", self.metric, "over threshold"]
+        hdr = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in cols)
+        over = " style='background:#fdd'"
+        body = "".join(f"<tr{over if r['over threshold'] else ''}>"
+                       + "".join(f"<td style='text-align:left'>{_fmt(r[c])}</td>" for c in cols) + "</tr>"
+                       for r in self.table())
+        return f"{head}<table><tr>{hdr}</tr>{body}</table>"
 
     def __repr__(self) -> str:
         runs = ", ".join(f"{k} {v}" for k, v in self.blocks_run.items())
@@ -392,4 +420,4 @@ def bisect(reference: SourceLike, candidate: SourceLike, text: str | None = None
             [p for p in every if p.layer is None and p.kind != "embed"]
         found = probe(tail) if tail else None
     bar.close()
-    return Bisection(found, steps, blocks, L)
+    return Bisection(found, steps, blocks, L, thr, metric)

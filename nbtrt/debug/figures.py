@@ -131,3 +131,35 @@ def topk_table(report: "Report", position: int = -1, batch: int = 0):
                       height=80 + 30 * (len(rows) + 1), margin={"t": 50, "b": 10})
     return fig
 
+
+
+def bisect_figure(bisection) -> "object":
+    """The probes of a :func:`bisect` run, in the order they ran: each probe's worst error (log
+    axis) against the threshold, red where it is over, labelled with the tensors it captured."""
+    import plotly.graph_objects as go
+
+    rows = bisection.table()
+    x = [r["probe"] for r in rows]
+    y = [r[bisection.metric] for r in rows]
+    over = [r["over threshold"] for r in rows]
+    labels = [r["worst tensor"] for r in rows]
+    fig = go.Figure(go.Scatter(
+        x=x, y=[_floored(v) for v in y], customdata=y, mode="lines+markers+text", text=labels,
+        textposition=["top center" if i % 2 == 0 else "bottom center" for i in range(len(x))],
+        marker={"size": 12, "color": ["#d62728" if o else "#2ca02c" for o in over]}, line={"color": "lightgray"},
+        name="probe", hovertemplate="probe %{x}: %{text}<br>%{customdata:.3e}<extra></extra>"))
+    if x and np.isfinite(bisection.threshold):
+        fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[bisection.threshold] * 2, mode="lines", name="threshold",
+                                 line={"dash": "dash", "color": "gray"}))
+    found = bisection.first_divergence
+    fig.update_layout(title=f"Bisection: {len(x)} probes; first divergence: {found.name if found else 'none'}",
+                      xaxis_title="probe (in the order it ran)", yaxis_title=METRIC_LABELS.get(bisection.metric,
+                                                                                              bisection.metric),
+                      template="plotly_white", height=400, legend={"orientation": "h", "y": -0.25})
+    fig.update_xaxes(tickmode="linear", dtick=1)
+    fig.update_yaxes(type="log", exponentformat="power")
+    return fig
+
+
+def _floored(v: float) -> float | None:
+    return None if not np.isfinite(v) else max(float(v), LOG_FLOOR)

@@ -24,20 +24,31 @@ BINS = 100
 
 def activation_channels(cal: Calibration, name: str, smoothing: torch.Tensor | None = None):
     """Max |x| per input channel of linear ``name`` over the calibration tokens; with ``smoothing``
-    (SmoothQuant's s for that linear) also after smoothing, ``max |x| / s``: the outliers flattened."""
+    (SmoothQuant's s for that linear) also after smoothing, ``max |x| / s``: the outliers flattened.
+
+    Drawn as a sorted magnitude profile on a log axis (largest channel first, hover names the
+    channel): a few outliers thousands of times the median would otherwise flatten every other
+    bar, and the smoothed profile, near the median, to nothing.
+    """
     import plotly.graph_objects as go
 
-    before = cal.inputs[name].chan_max
-    fig = go.Figure(go.Bar(y=before.tolist(), name="before smoothing", marker_color=COLORS[1],
-                           hovertemplate="channel %{x}<br>max |x| %{y:.3g}<extra></extra>"))
+    before = cal.inputs[name].chan_max.float()
+    profiles = {"before smoothing": before}
     if smoothing is not None:
-        fig.add_trace(go.Bar(y=(before / smoothing).tolist(), name="after smoothing", marker_color=COLORS[0],
-                             hovertemplate="channel %{x}<br>max |x/s| %{y:.3g}<extra></extra>"))
+        profiles["after smoothing (max |x / s|)"] = before / smoothing
+    fig = go.Figure()
+    for (label, values), color in zip(profiles.items(), (COLORS[1], COLORS[0])):
+        order = torch.argsort(values, descending=True)
+        fig.add_trace(go.Scatter(x=list(range(1, len(order) + 1)), y=values[order].tolist(), customdata=order.tolist(),
+                                 name=label, mode="lines", line={"color": color, "width": 2},
+                                 hovertemplate="rank %{x}: channel %{customdata}<br>%{y:.3g}<extra></extra>"))
     ratio = lambda t: float(t.max() / t.median())  # noqa: E731
     note = f"max/median {ratio(before):.1f}" + (f" -> {ratio(before / smoothing):.1f}" if smoothing is not None else "")
-    fig.update_layout(title=f"Input channels of {name}: per-channel max |activation| ({note})",
-                      xaxis_title="input channel", yaxis_title="max |x| over calibration tokens",
-                      barmode="overlay", template="plotly_white", height=380, legend={"orientation": "h", "y": -0.25})
+    fig.update_layout(title=f"Input channels of {name}, largest first ({note})",
+                      xaxis_title="input channels, sorted by max |activation| (rank)",
+                      yaxis_title="max |x| over calibration tokens (log)", template="plotly_white", height=380,
+                      legend={"orientation": "h", "y": -0.25})
+    fig.update_yaxes(type="log", exponentformat="power")
     return fig
 
 
@@ -76,6 +87,8 @@ def weight_histogram(reference: str | Path, quantized: str | Path, name: str):
         x, y = _hist(t)
         fig.add_trace(go.Bar(x=x, y=y, marker_color=color, showlegend=False,
                              hovertemplate="%{x:.3g}: %{y:.0f}<extra></extra>"), row=1, col=col)
+    fig.update_xaxes(title_text="weight value", row=1, col=1)
+    fig.update_xaxes(title_text="effective weight − original weight", row=1, col=2)
     fig.update_yaxes(type="log", title_text="count", row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
     rel = float(err.norm() / w.norm())

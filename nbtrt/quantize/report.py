@@ -28,7 +28,7 @@ from .._io import write_json
 from ..checkpoint import WEIGHTS
 from ..config import load_checkpoint_config
 from ..model import load_decoder
-from ..plots import Table, error_lines
+from ..plots import COLORS, SYMBOLS, Table, error_lines
 from .calib import tokenizer_for, windows
 
 DEFAULT_EVAL_TOKENS = 4096  # 8 windows of 512 held-out tokens
@@ -102,10 +102,12 @@ class QuantReport:
         """Perplexity vs size: the trade-off table of every deployment write-up, as a chart."""
         import plotly.graph_objects as go
 
-        fig = go.Figure(go.Scatter(
-            x=[r["size_mb"] for r in self.rows], y=[r["perplexity"] for r in self.rows], mode="markers+text",
-            text=[r["name"] for r in self.rows], textposition="top center", marker={"size": 10},
-            hovertemplate="%{text}<br>%{x:.1f} MB<br>perplexity %{y:.3f}<extra></extra>"))
+        # one trace per format, named in the legend: point labels collide where formats have the same size
+        fig = go.Figure([go.Scatter(
+            x=[r["size_mb"]], y=[r["perplexity"]], mode="markers", name=r["name"], text=[r["name"]],
+            marker={"size": 12, "color": COLORS[i % len(COLORS)], "symbol": SYMBOLS[i % len(SYMBOLS)]},
+            hovertemplate="%{text}<br>%{x:.1f} MB<br>perplexity %{y:.3f}<extra></extra>")
+            for i, r in enumerate(self.rows)])
         fig.update_layout(title="Perplexity vs checkpoint size (held-out text)", xaxis_title="checkpoint size (MB)",
                           yaxis_title="perplexity (lower is better)", template="plotly_white", height=420)
         return fig

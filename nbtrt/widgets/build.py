@@ -4,6 +4,7 @@
     opts = BuildOptions(backend="onnxruntime", max_batch_size=4)
     opts.max_seq_len.value = 2048
     memory_figure(memory_plan(cfg, **opts.limits))
+    memory_view(cfg, opts)          # the same figure and table, redrawn whenever the limits change
     nbtrt.build(ckpt, "work/engine", **opts.kwargs)
 
 The memory plan is what the limits commit a GPU to before any request arrives: the weights in
@@ -15,7 +16,8 @@ from __future__ import annotations
 import ipywidgets as w
 
 from ..engine import BACKENDS, _ensure_backends, default_backend
-from ..plots import COLORS
+from ..memory import memory_plan
+from ..plots import COLORS, Table
 
 DTYPES = ("checkpoint", "float32", "float16", "bfloat16")
 
@@ -96,3 +98,28 @@ class BuildOptions(w.VBox):
             out.update(builder_opt_level=self.builder_opt_level.value, workspace_gib=self.workspace_gib.value,
                        timing_cache=self.timing_cache.value or None)
         return out
+
+
+def memory_view(cfg, opts: BuildOptions) -> w.Output:
+    """The memory plan of ``opts``' limits (figure and table) in an output area that is redrawn
+    whenever one of the limits changes: the figure follows the widget, no cell to re-run.
+
+    >>> memory_view(cfg, BuildOptions(max_batch_size=4))  # doctest: +SKIP
+    """
+    from IPython.display import display
+
+    out = w.Output()
+
+    def draw(_=None) -> None:
+        rows = memory_plan(cfg, **opts.limits)
+        with out:
+            out.clear_output(wait=True)
+            display(memory_figure(rows, title=f"Memory plan: weights + KV cache for max_batch_size="
+                                              f"{opts.max_batch_size.value}, max_seq_len={opts.max_seq_len.value}"),
+                    Table(rows))
+
+    for control in (opts.max_batch_size, opts.max_input_len, opts.max_seq_len):
+        control.observe(draw, names="value")
+    out.redraw = draw  # for code (and tests) that change the options and want the view now
+    draw()
+    return out

@@ -18,6 +18,7 @@ from ..quantize.calib import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, SOURCES
 from ..layouts import ACTIVATION_SCHEMES
 
 NONE = "none (KV cache only)"
+KV_NONE = "none"
 GROUP_SIZES = (32, 64, 128, 256)
 SEQ_LENS = (128, 256, 512, 1024)
 
@@ -30,7 +31,8 @@ class QuantizeOptions(w.VBox):
                  seq_len: int = DEFAULT_SEQ_LEN, calib: str = "kjv"):
         style = {"description_width": "150px"}
         self.format = w.Dropdown(options=[*FORMATS, NONE], value=fmt or NONE, description="format", style=style)
-        self.kv_cache = w.Dropdown(options=[("none", None), *[(k, k) for k in KV_FORMATS]], value=kv_cache,
+        # a string, not None, for "no KV-cache quantization": a Dropdown shows value None as a blank
+        self.kv_cache = w.Dropdown(options=[KV_NONE, *KV_FORMATS], value=kv_cache or KV_NONE,
                                    description="KV cache", style=style)
         self.alpha = w.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="SmoothQuant alpha",
                                    style=style)
@@ -63,7 +65,7 @@ class QuantizeOptions(w.VBox):
     @property
     def format_kwargs(self) -> dict:
         """The format choices alone: ``quantize(ckpt, out, calib=calibration, **opts.format_kwargs)``."""
-        return {"fmt": self.fmt, "kv_cache": self.kv_cache.value, "alpha": self.alpha.value,
+        return {"fmt": self.fmt, "kv_cache": None if self.kv_cache.value == KV_NONE else self.kv_cache.value, "alpha": self.alpha.value,
                 "activation_scheme": self.activation_scheme.value, "group_size": self.group_size.value}
 
     @property
