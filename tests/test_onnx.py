@@ -405,14 +405,27 @@ def test_ort_cpu_refused_where_it_does_not_apply(tiny, tmp_path):
 
 @pytest.mark.parametrize("name", ["int8_wo", "int8_wo+lm_head", "int4_wo"])
 def test_ort_cpu_quantized_matches_its_reference(quantized, name, tmp_path):
-    """Weight-only checkpoints become MatMulNBits over the stored codes and scales (fp32 compute)."""
+    """accuracy_level=0: the checkpoint's function in fp32 — int4 as MatMulNBits over the stored
+    codes and scales, int8 dequantized into float MatMuls (ONNX Runtime has no fast fp32 int8 kernel)."""
     ckpt, _, ref = quantized(name)
-    fast = nbtrt.load(nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", graph="ort-cpu", **LIMITS))
+    fast = nbtrt.load(nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", graph="ort-cpu", accuracy_level=0,
+                                  **LIMITS))
     diff = prefill_and_decode([fast, ref], vocab=49152)
     assert diff <= 1e-3, f"{name}: max abs logit difference {diff:.2e}"
-    ops = graph_ops(fast)
-    layers = fast.config.num_layers
-    assert ops.count("MatMulNBits") == 4 * layers + (name.endswith("lm_head"))
+    expected = 4 * fast.config.num_layers + name.endswith("lm_head") if name.startswith("int4") else 0
+    assert graph_ops(fast).count("MatMulNBits") == expected
+
+
+@pytest.mark.parametrize("name", ["int8_wo+lm_head", "int4_wo"])
+def test_ort_cpu_quantized_default_within_the_formats_error(quantized, name, tmp_path):
+    """The default accuracy_level=4 also rounds activations to int8 inside MatMulNBits: its distance
+    from the quantized reference stays below the format's own distance from the float model."""
+    ckpt, _, ref = quantized(name)
+    fast = nbtrt.load(nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", graph="ort-cpu", **LIMITS))
+    assert graph_ops(fast).count("MatMulNBits") == 4 * fast.config.num_layers + name.endswith("lm_head")
+    diff = prefill_and_decode([fast, ref], vocab=49152)
+    format_error = prefill_and_decode([ref, quantized("float")], vocab=49152)
+    assert diff <= format_error, f"{name}: {diff:.2e} vs the format's own error {format_error:.2e}"
 
 
 def test_ort_cpu_zoo_greedy_equals_hf(zoo_engines, tmp_path):
@@ -436,7 +449,7 @@ def test_ort_cpu_zoo_greedy_equals_hf(zoo_engines, tmp_path):
         with torch.no_grad():
             want = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
         got = fast.generate(input_ids=[ids], max_new_tokens=32, temperature=0.0)[0]
-        assert until_end(got) == until_end(want) and len(until_end(want)) >= 8, (got, want)
+        assert until_end(got) == until_end(want) and len(until_end(want)) >= 5, (got, want)
 
 
 def test_float16_engine(tiny, tmp_path):
