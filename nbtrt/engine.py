@@ -489,7 +489,9 @@ def add_cli(sub) -> None:
     p.add_argument("--builder-opt-level", type=int, default=None, help="TensorRT builder optimization level 0-5")
     p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace memory limit")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file reused across builds")
-    names = ("dtype", "builder_opt_level", "workspace_gib", "timing_cache")
+    p.add_argument("--graph", default=None, choices=("auto", "standard", "ort-cpu"), help="ONNX Runtime graph flavour")
+    p.add_argument("--accuracy-level", type=int, default=None, help="ort-cpu MatMulNBits: 4 int8 activations, 0 fp32")
+    names = ("dtype", "builder_opt_level", "workspace_gib", "timing_cache", "graph", "accuracy_level")
     p.set_defaults(run=lambda a: print(build(a.ckpt, a.out, backend=a.backend, max_batch_size=a.max_batch_size,
                                              max_input_len=a.max_input_len, max_seq_len=a.max_seq_len,
                                              overwrite=a.overwrite,

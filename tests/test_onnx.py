@@ -18,10 +18,11 @@ ARCHS = sorted(TINY)
 LIMITS = dict(max_batch_size=2, max_input_len=32, max_seq_len=64)
 
 
-def build_pair(ckpt, root, **limits):
-    """(ONNX Runtime engine, torch reference engine) built from one checkpoint."""
+def build_pair(ckpt, root, graph="standard", **limits):
+    """(ONNX Runtime engine, torch reference engine) built from one checkpoint; ``graph`` is the
+    ONNX flavour (the standard graph is the TensorRT contract these tests check)."""
     limits = {**LIMITS, **limits}
-    ort = nbtrt.load(nbtrt.build(ckpt, root / "engine-ort", backend="onnxruntime", **limits))
+    ort = nbtrt.load(nbtrt.build(ckpt, root / f"engine-ort-{graph}", backend="onnxruntime", graph=graph, **limits))
     ref = nbtrt.load(nbtrt.build(ckpt, root / "engine-torch", backend="torch", **limits), device="cpu")
     return ort, ref
 
@@ -325,6 +326,130 @@ def test_quantized_graph_has_tensorrt_patterns(quantized, name):
     for i in range(cfg["num_layers"]):
         new_key = producer[producer[f"present.{i}.key"].input[1]]
         assert (new_key.op_type == "DequantizeLinear") == bool(kv)
+
+
+# ------------------------------------------------------------------------------ the ort-cpu flavour
+ORT_CPU_ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]  # what its fused ops express
+
+
+@pytest.fixture(scope="module")
+def ort_cpu(tiny, tmp_path_factory):
+    """arch -> (engine built with the default graph, torch reference), built on first use."""
+    root, made = tmp_path_factory.mktemp("ort-cpu"), {}
+
+    def get(arch):
+        if arch not in made:
+            _, ckpt, _, ref = tiny(arch)
+            made[arch] = nbtrt.load(nbtrt.build(ckpt, root / arch, backend="onnxruntime", **LIMITS)), ref
+        return made[arch]
+    return get
+
+
+def graph_ops(engine) -> list[str]:
+    return [n.op_type for n in onnx.load(str(engine.engine_dir / "model.onnx"), load_external_data=False).graph.node]
+
+
+@pytest.mark.parametrize("arch", ORT_CPU_ARCHS)
+def test_ort_cpu_matches_reference(ort_cpu, arch):
+    fast, ref = ort_cpu(arch)
+    assert fast.graph == "ort-cpu", "the default graph on the CPU is the fused flavour"
+    assert json.loads((fast.engine_dir / "engine.json").read_text())["options"]["graph"] == "ort-cpu"
+    diff = prefill_and_decode([fast, ref], vocab=257)  # a left-padded batch, then 16 decode steps
+    assert diff <= 1e-4, f"{arch}: max abs logit difference {diff:.2e}"
+    # the next request reuses the in-place KV buffers: what the last one left there is never read
+    diff = prefill_and_decode([fast, ref], vocab=257, lengths=(3, 5), steps=4, seed=1)
+    assert diff <= 1e-4, f"{arch} (second request): max abs logit difference {diff:.2e}"
+    ops = graph_ops(fast)
+    layers = fast.config.num_layers
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert ops.count("MatMul") == 4 * layers + 1, "qkv, o, gate|up, down per layer and the lm_head"
+    assert "Concat" not in ops and "Softmax" not in ops
+
+
+@pytest.mark.parametrize("arch", ORT_CPU_ARCHS)
+def test_ort_cpu_capture_matches_reference(ort_cpu, arch):
+    """The debugger's module names survive the fusions: each is a tensor of the fused graph."""
+    fast, ref = ort_cpu(arch)
+    names = ["embed", "layers.0.attn_norm", "layers.0.attn.qkv", "layers.0.attn", "layers.0.mlp_norm",
+             "layers.0.mlp", "layers.0", "layers.1.attn", "layers.1", "final_norm", "lm_head"]
+    ids = [[5, 9, 2, 77, 100, 3], [1, 2, 3, 4, 5, 6]]
+    logits, ours = fast.capture(ids, names)
+    ref_logits, theirs = ref.capture(ids, names)
+    assert list(ours) == names
+    for name in names:
+        assert ours[name].shape == theirs[name].shape, name
+        diff = (ours[name] - theirs[name]).abs().max().item()
+        assert diff <= 1e-4, f"{arch} {name}: max abs {diff:.2e}"
+    assert (logits - ref_logits).abs().max().item() <= 1e-4
+    # a capture ends with the engine ready for the next request
+    assert prefill_and_decode([fast, ref], vocab=257, steps=2) <= 1e-4
+
+
+def test_ort_cpu_debug_compare_against_hf(ort_cpu, tiny):
+    src, *_ = tiny("Qwen2ForCausalLM")
+    fast, _ = ort_cpu("Qwen2ForCausalLM")
+    report = nbtrt.debug.compare(src, fast, input_ids=[3, 17, 42, 9, 250, 11])
+    assert report.first_divergence is None, report.table()
+
+
+def test_ort_cpu_refused_where_it_does_not_apply(tiny, tmp_path):
+    _, ckpt, *_ = tiny("Qwen3ForCausalLM")  # q/k norm: no fused expression here
+    with pytest.raises(ValueError, match="q/k norm.*graph='standard'"):
+        nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", graph="ort-cpu", **LIMITS)
+    with pytest.raises(ValueError, match="graph='fused' is not one of"):
+        nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", graph="fused", **LIMITS)
+    assert not any(tmp_path.iterdir())
+    auto = nbtrt.build(ckpt, tmp_path / "auto", backend="onnxruntime", **LIMITS)
+    assert json.loads((auto / "engine.json").read_text())["options"]["graph"] == "standard"
+
+
+@pytest.mark.parametrize("name", ["int8_wo", "int8_wo+lm_head", "int4_wo"])
+def test_ort_cpu_quantized_matches_its_reference(quantized, name, tmp_path):
+    """accuracy_level=0: the checkpoint's function in fp32 — int4 as MatMulNBits over the stored
+    codes and scales, int8 dequantized into float MatMuls (ONNX Runtime has no fast fp32 int8 kernel)."""
+    ckpt, _, ref = quantized(name)
+    fast = nbtrt.load(nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", graph="ort-cpu", accuracy_level=0,
+                                  **LIMITS))
+    diff = prefill_and_decode([fast, ref], vocab=49152)
+    assert diff <= 1e-3, f"{name}: max abs logit difference {diff:.2e}"
+    expected = 4 * fast.config.num_layers + name.endswith("lm_head") if name.startswith("int4") else 0
+    assert graph_ops(fast).count("MatMulNBits") == expected
+
+
+@pytest.mark.parametrize("name", ["int8_wo+lm_head", "int4_wo"])
+def test_ort_cpu_quantized_default_within_the_formats_error(quantized, name, tmp_path):
+    """The default accuracy_level=4 also rounds activations to int8 inside MatMulNBits: its distance
+    from the quantized reference stays below the format's own distance from the float model."""
+    ckpt, _, ref = quantized(name)
+    fast = nbtrt.load(nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", graph="ort-cpu", **LIMITS))
+    assert graph_ops(fast).count("MatMulNBits") == 4 * fast.config.num_layers + name.endswith("lm_head")
+    diff = prefill_and_decode([fast, ref], vocab=49152)
+    format_error = prefill_and_decode([ref, quantized("float")], vocab=49152)
+    assert diff <= format_error, f"{name}: {diff:.2e} vs the format's own error {format_error:.2e}"
+
+
+def test_ort_cpu_zoo_greedy_equals_hf(zoo_engines, tmp_path):
+    """SmolLM2 (and Qwen2.5 with --slow) in fp32: the fused graph's greedy tokens are HF's."""
+    from transformers import AutoModelForCausalLM
+
+    src, (ort, _) = zoo_engines
+    ckpt = json.loads((ort.engine_dir / "engine.json").read_text())["checkpoint"]["path"]
+    fast = nbtrt.load(nbtrt.build(ckpt, tmp_path / "e", backend="onnxruntime", max_batch_size=2,
+                                  max_input_len=64, max_seq_len=128))
+    assert fast.graph == "ort-cpu"
+    hf = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=False, dtype=torch.float32).eval()
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Write a haiku about the sea."}]]
+    ends = set(fast.end_token_ids)
+
+    def until_end(tokens):  # HF keeps the end token it stopped at; the engine's generate need not
+        return tokens[:next((k for k, t in enumerate(tokens) if t in ends), len(tokens))]
+    for chat in chats:
+        ids = fast.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        got = fast.generate(input_ids=[ids], max_new_tokens=32, temperature=0.0)[0]
+        assert until_end(got) == until_end(want) and len(until_end(want)) >= 5, (got, want)
 
 
 def test_float16_engine(tiny, tmp_path):
