@@ -38,12 +38,14 @@ class BuildOptions(w.VBox):
     """Build options as widgets; ``kwargs`` -> ``nbtrt.build(ckpt, out, **kwargs)``.
 
     The TensorRT-only options (builder optimization level, workspace, timing cache) show only
-    when the TensorRT backend is chosen; a backend that cannot run here says why.
+    when the TensorRT backend is chosen, the ONNX graph flavour only for ONNX Runtime; a backend
+    that cannot run here says why.
     """
 
     def __init__(self, *, backend: str | None = None, max_batch_size: int = 4,
                  max_input_len: int = 512, max_seq_len: int = 1024, dtype: str | None = None,
-                 builder_opt_level: int = 3, workspace_gib: float = 4.0, timing_cache: str = ""):
+                 builder_opt_level: int = 3, workspace_gib: float = 4.0, timing_cache: str = "",
+                 graph: str = "auto"):
         _ensure_backends()
         style = {"description_width": "150px"}
         self.backend = w.Dropdown(options=sorted(BACKENDS), value=backend or default_backend(), description="backend",
@@ -61,8 +63,11 @@ class BuildOptions(w.VBox):
                                                 description="workspace (GiB)", style=style)
         self.timing_cache = w.Text(value=timing_cache, placeholder="default: $NBTRT_CACHE/tensorrt/timing.cache",
                                    description="timing cache", style=style)
+        self.graph = w.Dropdown(options=[("auto (ort-cpu on a CPU)", "auto"), ("standard (the TensorRT contract)",
+                                                                          "standard"), ("ort-cpu", "ort-cpu")],
+                                value=graph, description="ONNX graph", style=style)
         self.status = w.HTML()
-        super().__init__([self.backend, self.status, self.dtype, self.max_batch_size, self.max_input_len,
+        super().__init__([self.backend, self.status, self.dtype, self.graph, self.max_batch_size, self.max_input_len,
                           self.max_seq_len, self.builder_opt_level, self.workspace_gib, self.timing_cache])
         self.backend.observe(lambda _: self._refresh(backend_changed=True), names="value")
         for control in (self.max_batch_size, self.max_input_len, self.max_seq_len):
@@ -74,6 +79,7 @@ class BuildOptions(w.VBox):
         trt = self.backend.value == "tensorrt"
         for control in (self.builder_opt_level, self.workspace_gib, self.timing_cache):
             control.layout.display = None if trt else "none"
+        self.graph.layout.display = None if self.backend.value == "onnxruntime" else "none"
         if backend_changed:  # available() tries imports: once per backend choice, not per keystroke
             reason = BACKENDS[self.backend.value].available()
             self._backend_problem = f"{self.backend.value} cannot build here: {reason}" if reason else None
@@ -94,6 +100,8 @@ class BuildOptions(w.VBox):
         out = {"backend": self.backend.value, **self.limits}
         if self.dtype.value != "checkpoint":
             out["dtype"] = self.dtype.value
+        if self.backend.value == "onnxruntime" and self.graph.value != "auto":
+            out["graph"] = self.graph.value
         if self.backend.value == "tensorrt":
             out.update(builder_opt_level=self.builder_opt_level.value, workspace_gib=self.workspace_gib.value,
                        timing_cache=self.timing_cache.value or None)
