@@ -359,10 +359,18 @@ def test_cli_run(tiny, capsys):
     assert "prompt is empty" in capsys.readouterr().err
 
 
+def _ctrl_c_reaches_it() -> None:
+    """In the child before it runs: Ctrl-C (SIGINT) handled as in a terminal. A test run started in
+    the background by a non-interactive shell (`nohup make test &`) ignores SIGINT, children inherit
+    that, and Python then never raises KeyboardInterrupt: the tests would see no Ctrl-C at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_chat_ctrl_c_stops_the_answer_not_the_program(tiny):
     p = subprocess.Popen([sys.executable, "-m", "nbtrt.cli", "chat", str(tiny.edir), "--max-new-tokens", "900",
                           "--temperature", "1.0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         preexec_fn=_ctrl_c_reaches_it)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: p.stdout.read(1), "")), daemon=True)
     reader.start()
@@ -399,6 +407,7 @@ def test_cli_chat_in_a_terminal_edits_lines_and_keeps_history(tiny, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm"}
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its terminal
+        _ctrl_c_reaches_it()
         os.execve(sys.executable, argv, env)
     out, status = bytearray(), None
 
@@ -459,7 +468,7 @@ def test_cli_chat_in_a_terminal_edits_lines_and_keeps_history(tiny, tmp_path):
 def test_cli_chat_ctrl_c_while_loading_is_one_line(tiny, delay):
     p = subprocess.Popen([sys.executable, "-m", "nbtrt.cli", "chat", str(tiny.edir)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_ctrl_c_reaches_it)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)  # (closes stdin: if loading was already done, Ctrl-D quits)
