@@ -296,25 +296,27 @@ class Chat:
         self._thread.start()
         return True
 
-    def _on_regenerate(self, _=None) -> None:
+    def _take_last_turn(self, nothing_left: str) -> str | None:
+        """The last turn taken back (its user message), or None with a note saying why not."""
         if self.busy:
             self._note("ignored: an answer is still streaming; press Stop first", error=True)
-            return
+            return None
         user = self._pop_turn()
         if user is None:
-            self._note("nothing to regenerate yet")
+            self._note(nothing_left)
+        return user
+
+    def _on_regenerate(self, _=None) -> None:
+        user = self._take_last_turn("nothing to regenerate yet")
+        if user is None:
             return
         if not self._start(user):
             self.input.value = user  # refused (e.g. a bad setting): the message is not lost
         self._refresh()
 
     def _on_undo(self, _=None) -> None:
-        if self.busy:
-            self._note("ignored: an answer is still streaming; press Stop first", error=True)
-            return
-        user = self._pop_turn()
+        user = self._take_last_turn("nothing to undo")
         if user is None:
-            self._note("nothing to undo")
             return
         self.input.value = user
         self._note("took the last turn back; its message is in the input box")
