@@ -60,7 +60,9 @@ def main() -> None:
     ap.add_argument("--no-static", action="store_true", help="in-flight only (no baseline, no agreement)")
     ap.add_argument("--requests", type=int, default=1000, help="the large ShareGPT-like mix")
     ap.add_argument("--no-poisson", action="store_true", help="leave out the Poisson sweep (online serving)")
-    ap.add_argument("--tiled", action="store_true", help="mixed steps through the tile kernel (opt-in)")
+    ap.add_argument("--untiled", action="store_true", help="mixed steps per sequence (the tile kernel off)")
+    ap.add_argument("--no-ablation", action="store_true",
+                    help="leave out batch 1 and full load re-run without overlap and without tiling")
     ap.add_argument("--full-load", type=int, default=1024, help="128/128 requests at full load")
     a = ap.parse_args()
     out = Path(a.out or Path(os.environ.get("OUT", "benchmarks/results")) / "serving_gpu.json")
@@ -105,7 +107,7 @@ def main() -> None:
     # ---------------------------------------------------------------- in-flight batching
     t = time.perf_counter()
     llm = LLM(engine, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, max_seq_len=longest,
-              max_input_len=longest, tiled=a.tiled)
+              max_input_len=longest, tiled=False if a.untiled else None)
     R["compile_s"]["inflight"] = round(time.perf_counter() - t, 1)
     R["kv_pool"] = {"blocks": llm.pool.capacity, "block_size": llm.pool.block_size,
                     "tokens": llm.pool.capacity * llm.pool.block_size, "gib": llm.pool.bytes / 2 ** 30}
@@ -129,6 +131,21 @@ def main() -> None:
                                                       desc=f"in-flight {full_load} x 128/128")
     inflight["fixed128_full_load"]["steps"] = steps
     save()
+    if not a.no_ablation:  # what each part buys, on the same engine and pool: switch one off at a time
+        ablation = inflight["ablation"] = {}
+        for name, attr, obj in (("no_overlap", "overlap", llm), ("untiled", "tiled", llm.runner)):
+            if not getattr(obj, attr):
+                continue
+            setattr(obj, attr, False)
+            if name == "no_overlap":
+                walls = [run_requests(llm, [p1], [n1], progress=False)["wall_s"] for _ in range(fixed1.repeats)]
+                ablation["batch1_no_overlap"] = {"tokens_per_s": n1 / float(np.median(walls)), "wall_s": walls}
+            with step_times(llm) as st:
+                ablation[f"fixed128_full_load_{name}"] = run_requests(
+                    llm, full.prompts(V), [m for _, m in full.lengths], desc=f"full load, {name}")
+            ablation[f"fixed128_full_load_{name}"]["steps"] = st
+            setattr(obj, attr, True)
+            save()
     base_rate = inflight[f"sharegpt{n_small}"]["requests_per_s"]
     mix = mixes[n_small]
     inflight["poisson"] = []
@@ -142,15 +159,42 @@ def main() -> None:
     if DEV.type == "cuda":
         inflight["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     llm.shutdown()
+    del llm, engine, runner, model
+    free()
+    if not a.no_static:
+        R["fp32_agreement"] = fp32_agreement(q, agree_prompts, agree_len)
     R["total_s"] = round(time.perf_counter() - t_start, 1)
     save()
     print(summary(R))
     print(f"wrote {out}")
 
 
+def fp32_agreement(quick: bool, prompts: list[list[int]], new_tokens: int, layers: int = 4) -> dict:
+    """The same greedy comparison in fp32 on the first ``layers`` layers of the 8B shape: with the
+    rounding of bf16 out of the way, what is left is the runtimes' own arithmetic order."""
+    model = llama8b_random(quick)
+    del model.layers[layers:]
+    model.cfg.num_layers, model.cfg.dtype = layers, "float32"
+    model.float()
+    engine = engine_from_decoder(model, max_batch_size=16, max_seq_len=2 * max(map(len, prompts)) + new_tokens,
+                                 compile=False, warmup=False)
+    static = [t for i in range(0, len(prompts), 16) for t in engine.generate(
+        input_ids=prompts[i:i + 16], max_new_tokens=new_tokens, stop_token_ids=())]
+    release_static_cache(engine)
+    with LLM(engine, max_batch_size=64, verbose=False) as llm:
+        outs = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_new_tokens=new_tokens), use_tqdm=False)]
+    r = {"layers": layers, "dtype": "float32", "requests": len(prompts), "new_tokens": new_tokens,
+         "greedy_agreement": agreement(outs, static),
+         "greedy_exact_requests": sum(o == s for o, s in zip(outs, static)) / len(outs)}
+    del engine, model
+    free()
+    return r
+
+
 class step_times:
-    """Where a run's time goes: each runner step timed to its end (the sample() after a step waits for
-    it anyway), summed by kind -- decode-only steps (CUDA graphs) and steps with a prefill chunk."""
+    """Where a run's time goes: each runner step's GPU time (CUDA events around it, read at the end:
+    no synchronisation, so overlapped steps stay overlapped), summed by kind -- decode-only steps
+    (CUDA graphs) and steps with a prefill chunk. Wall time minus their sum is the GPU's idle time."""
 
     def __init__(self, llm: LLM):
         self.llm, self.rows = llm, []
@@ -158,12 +202,15 @@ class step_times:
     def __enter__(self) -> dict:
         runner, step, rows = self.llm.runner, self.llm.runner.step, self.rows
 
-        def timed(batch):
+        def timed(batch, fed=None):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if DEV.type == "cuda" else None
             t = time.perf_counter()
-            out = step(batch)
-            if DEV.type == "cuda":
-                torch.cuda.synchronize()
-            rows.append((batch.num_decodes == len(batch.seqs), batch.num_tokens, time.perf_counter() - t))
+            if ev:
+                ev[0].record()
+            out = step(batch, fed)
+            if ev:
+                ev[1].record()
+            rows.append((batch.num_decodes == len(batch.seqs), batch.num_tokens, ev or time.perf_counter() - t))
             return out
 
         runner.step = timed
@@ -172,6 +219,9 @@ class step_times:
 
     def __exit__(self, *exc) -> None:
         del self.llm.runner.step  # the class's own method again
+        if DEV.type == "cuda":
+            torch.cuda.synchronize()
+        self.rows = [(d, n, t if isinstance(t, float) else t[0].elapsed_time(t[1]) / 1e3) for d, n, t in self.rows]
         for kind, decode in (("decode_only", True), ("with_prefill", False)):
             ts = [t for d, _, t in self.rows if d == decode]
             toks = [n for d, n, _ in self.rows if d == decode]
@@ -192,12 +242,19 @@ def summary(R: dict) -> str:
                      f"TTFT p50 {i[key]['ttft_s']['p50']:.2f}s ITL p99 {1e3 * i[key]['itl_s']['p99']:.1f}ms "
                      f"(target 1000: >= 4x)")
     f = i["fixed128_full_load"]
-    lines.append(f"fixed 128/128 full load: {f['output_tokens_per_s']:.0f} output tok/s, peak KV blocks "
+    lines.append(f"fixed 128/128 full load: {f['output_tokens_per_s']:.0f} output tok/s, wall {f['wall_s']:.2f} s, peak KV blocks "
                  f"{f['kv_blocks']['peak']} (target >= 15000)")
     for kind, st in f.get("steps", {}).items():
         if st["steps"]:
-            lines.append(f"  {kind} steps: {st['steps']}, {st['total_s']:.2f} s, median {st['median_ms']:.1f} ms "
+            lines.append(f"  {kind} steps: {st['steps']}, GPU {st['total_s']:.2f} s, median {st['median_ms']:.1f} ms "
                          f"of {st['median_tokens']:.0f} tokens")
+    for key, r in i.get("ablation", {}).items():
+        if key.startswith("batch1"):
+            lines.append(f"  ablation {key}: {r['tokens_per_s']:.1f} tok/s")
+        else:
+            gpu = sum(st["total_s"] for st in r["steps"].values())
+            lines.append(f"  ablation {key}: {r['output_tokens_per_s']:.0f} tok/s, wall {r['wall_s']:.2f} s, "
+                         f"GPU busy {gpu:.2f} s")
     b_i = i["batch1"]["tokens_per_s"]
     if "batch1" in s:
         b_s = s["batch1"]["tokens_per_s"]
@@ -206,6 +263,10 @@ def summary(R: dict) -> str:
                      f"{100 * i['greedy_exact_requests']:.0f}% of requests identical (target >= 99%)")
     else:
         lines.append(f"batch 1: in-flight {b_i:.1f} tok/s (static not run)")
+    if "fp32_agreement" in R:
+        f32 = R["fp32_agreement"]
+        lines.append(f"greedy agreement in fp32 ({f32['layers']} layers of the same shape): "
+                     f"{100 * f32['greedy_agreement']:.2f}% of tokens, {100 * f32['greedy_exact_requests']:.0f}% of requests")
     for p in i["poisson"]:
         lines.append(f"poisson {p['rate']:.2f} req/s: {p['requests_per_s']:.2f} req/s served, TTFT p50 "
                      f"{p['ttft_s']['p50']:.3f}s p99 {p['ttft_s']['p99']:.3f}s, TPOT p50 {1e3 * p['tpot_s']['p50']:.1f}ms")

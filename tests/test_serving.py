@@ -92,6 +92,31 @@ def test_chunked_prefill_equals_unchunked(tiny, tiled):
     assert results[1] == [alone(tiny.static, p, n) for p, n in requests]
 
 
+def test_overlapped_steps_change_no_token_and_stop_in_time(tiny):
+    """With overlap the next step is launched before a step's tokens are read back, so a request that
+    stops on a token has one extra step computed: it must be thrown away (no token, no leaked block).
+    Each request stops on a token from the middle of its own greedy answer."""
+    requests = random_requests(8, seed=3, max_prompt=30, max_new=24)
+    stops, expected = [], []
+    for prompt, new in requests:
+        ref = alone(tiny.static, prompt, new)
+        stop = ref[len(ref) // 2]
+        stops.append(stop)
+        expected.append(ref[:ref.index(stop) + 1])
+    results = {}
+    for overlap in (True, False):
+        with nbtrt.LLM(tiny.edir, max_batch_size=8, max_num_tokens=64, verbose=False, overlap=overlap) as llm:
+            params = [llm.sampling(max_new_tokens=n, stop_token_ids=(t,)) for (_, n), t in zip(requests, stops)]
+            outs = llm.generate([p for p, _ in requests], params, use_tqdm=False)
+            results[overlap] = (outs, llm.stats())
+            llm.pool.check_no_leaks()
+    for overlap, (outs, stats) in results.items():
+        assert [o.token_ids for o in outs] == expected, f"overlap={overlap}"
+        assert all(o.finish_reason == ("stop" if o.token_ids[-1] == t else "length") for o, t in zip(outs, stops))
+        assert stats["tokens_generated"] == sum(map(len, expected))
+    assert results[True][1]["overlapped_steps"] > 0 and results[False][1]["overlapped_steps"] == 0
+
+
 def random_tiles(query_lens, contexts, per_tile, bs, num_blocks, seed=0):
     """Block tables in no particular order and the tiles of a mixed step (as ModelRunner cuts them)."""
     free = list(range(1, num_blocks))

@@ -27,7 +27,7 @@ from ..engine import Engine, EngineLimits
 from ..generate import Detokenizer, GenerationError, SamplingParams
 from .artifacts import resolve_engine
 from .block_pool import BlockPool, blocks_for_memory
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
 
 _ids = itertools.count()
@@ -57,8 +57,9 @@ class LLM:
     :class:`~nbtrt.engine.Engine` already loaded; whatever is missing is converted and built
     once under ``work_dir``. Options: see ``LLM_API.md`` (``max_batch_size`` sequences a step,
     ``max_num_tokens`` tokens a step, ``block_size`` / ``num_blocks`` / ``gpu_memory_utilization``
-    for the KV pool). ``cuda_graphs=False`` runs decode steps eagerly on CUDA too; ``tiled=True`` runs
-    mixed steps through the tile kernel as one compiled graph (opt-in: not yet run on a GPU).
+    for the KV pool). ``cuda_graphs=False`` runs decode steps eagerly on CUDA too; ``tiled`` runs mixed
+    steps through the tile kernel as one compiled graph (default on CUDA); ``overlap=False`` reads every
+    step's tokens back before launching the next (see :meth:`_inflight_step`).
 
     >>> with nbtrt.LLM("smollm2-135m-instruct", max_batch_size=16) as llm:  # doctest: +SKIP
     ...     print(llm.generate(["Hi!"])[0].text)
@@ -68,7 +69,8 @@ class LLM:
                  max_seq_len: int | None = None, max_num_tokens: int = 2048, block_size: int = 16,
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9, device: str | None = None,
                  dtype: str | None = None, work_dir: str | Path | None = None, cuda_graphs: bool | None = None,
-                 warmup: bool = True, verbose: bool = True, batching: str | None = None, tiled: bool | None = None):
+                 warmup: bool = True, verbose: bool = True, batching: str | None = None, tiled: bool | None = None,
+                 overlap: bool = True):
         self.engine: Engine = resolve_engine(model, backend, work_dir=work_dir, device=device, dtype=dtype,
                                              max_batch_size=max_batch_size, max_input_len=max_input_len,
                                              max_seq_len=max_seq_len)
@@ -113,7 +115,9 @@ class LLM:
         self._aborts: set[str] = set()
         self._live: dict[str, Sequence] = {}
         self._static_waiting: list[Sequence] = []
-        self._counters = {"steps": 0, "tokens_generated": 0, "requests_finished": 0}
+        self._counters = {"steps": 0, "overlapped_steps": 0, "tokens_generated": 0, "requests_finished": 0}
+        self.overlap = overlap
+        self._pending: _Pending | None = None
         self._stopping = False
         self._failed: str | None = None
         self._thread = threading.Thread(target=self._loop, name="nbtrt-llm-loop", daemon=True)
@@ -347,19 +351,68 @@ class LLM:
         return self.scheduler.has_work() if self.scheduler is not None else bool(self._static_waiting)
 
     def _inflight_step(self) -> None:
+        """One step. With ``overlap`` the step that follows a greedy step is launched *before* that
+        step's tokens are read back: it feeds them from the device, and the host reads them, streams
+        them and checks stops while the GPU computes (TensorRT-LLM's overlap scheduler). A sequence
+        that stopped on the token being read has had one extra step computed; it is thrown away."""
         from .runner import sample
 
-        batch = self.scheduler.schedule()
-        if not batch:
-            return
-        for seq in batch.seqs:
-            seq.scheduled_time = seq.scheduled_time or time.perf_counter()
-        logits = self.runner.step(batch)
-        ready = [s for s in batch.seqs if s.num_computed == s.num_tokens]
-        tokens = sample(ready, logits) if ready else []
+        pending, self._pending = self._pending, None
+        chained = self._chained_batch(pending) if pending is not None else None
+        if chained is not None:
+            batch, fed = chained
+            logits = self.runner.step(batch, fed)
+            self._counters["overlapped_steps"] += 1
+        else:
+            if pending is not None:
+                self._read_back(pending)
+            batch = self.scheduler.schedule()
+            if not batch:
+                return
+            for seq in batch.seqs:
+                seq.scheduled_time = seq.scheduled_time or time.perf_counter()
+            logits = self.runner.step(batch)
         self._counters["steps"] += 1
-        for seq, token in zip(ready, tokens):
-            self._advance(seq, token)
+        ready = [s for s in batch.seqs if s.num_computed == s.num_tokens]  # rows of logits, in order
+        if ready and self.overlap and all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in ready):
+            self._pending = _Pending(ready, logits.argmax(-1), whole=len(ready) == len(batch.seqs))
+        if chained is not None:
+            self._read_back(pending)
+        if self._pending is not None:
+            for seq in ready:
+                seq.pending = 0 if seq.finished else 1
+        elif ready:
+            for seq, token in zip(ready, sample(ready, logits)):
+                if not seq.finished:
+                    self._advance(seq, token)
+
+    def _chained_batch(self, p: "_Pending"):
+        """The next step as decodes of ``p``'s sequences, if it can run before ``p`` is read back:
+        ``p`` held every running sequence, none of them is mid-prompt, nobody waiting could be
+        admitted instead, and every one has a block for its next token. A sequence whose pending
+        token is its last (max_new_tokens) is left out. -> (batch, their input ids on the device) or None."""
+        sched = self.scheduler
+        live = [s for s in p.seqs if not s.finished]
+        if not p.whole or len(live) != len(sched.running):
+            return None
+        rows = [i for i, s in enumerate(p.seqs) if not s.finished and len(s.output) + 1 < s.params.max_new_tokens]
+        seqs = [p.seqs[i] for i in rows]
+        if not seqs or len(seqs) > sched.max_num_tokens or (sched.waiting and len(seqs) < sched.max_batch_size):
+            return None
+        pool = self.pool
+        if sum(pool.blocks_needed(s.block_table, s.num_computed + 1) for s in seqs) > len(pool.free_blocks):
+            return None
+        for s in seqs:
+            pool.grow(s.block_table, s.num_computed + 1)
+        fed = p.tokens[:len(rows)] if rows[-1] == len(rows) - 1 else p.tokens[torch.tensor(rows, device=p.tokens.device)]
+        return ScheduledBatch(seqs, [1] * len(seqs)), fed
+
+    def _read_back(self, p: "_Pending") -> None:
+        """Read a step's sampled tokens (waits for that step only) and hand them to their sequences."""
+        for seq, token in zip(p.seqs, p.host()):
+            seq.pending = 0
+            if not seq.finished:
+                self._advance(seq, token)
 
     def _static_batch(self) -> None:
         """Static batching: the oldest request and those waiting with the same sampling options (any
@@ -467,6 +520,27 @@ class LLM:
                else f"static batches of up to {lim.max_batch_size} (no in-flight batching on {self.backend})")
         return (f"<nbtrt.LLM {c.architecture} backend={self.backend} device={self.engine.device} {how}; "
                 f"max_seq_len={lim.max_seq_len} max_num_tokens={self.max_num_tokens}>")
+
+
+class _Pending:
+    """A step's greedy tokens on their way to the host: ``tokens`` on the device (the next step may
+    feed them), a copy into pinned memory started at once. ``whole``: every sequence of the step
+    sampled (none was mid-prompt)."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, whole: bool):
+        self.seqs, self.tokens, self.whole = seqs, tokens, whole
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = tokens, None
+
+    def host(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
 
 
 def _activation_bytes(cfg, max_num_tokens: int, max_batch_size: int, dtype: torch.dtype) -> int:

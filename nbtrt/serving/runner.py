@@ -16,10 +16,9 @@ the blocks compiled by ``torch.compile`` first as :class:`~nbtrt.runtimes.torch_
 does. A mixed step runs *tiled*: its tokens cut into tiles of one sequence each
 (:func:`nbtrt.kernels.paged_attention.paged_tile_attention`), all sizes in device tensors, so the
 step is one compiled graph of dynamic size rather than a Python loop over sequences (that loop cost
-an H100 ~110 ms a 2048-token step of the 8B model, measured 2026-12-06). ``tiled=True`` on the CPU
-runs the same host-side tiling through :func:`paged_tile_reference` (how the tests cover it).
-Tiling is opt-in (``tiled=True``) until it has been measured on a GPU: the kernel was checked against
-the reference in Triton's interpreter only.
+an H100 ~110 ms a 2048-token step of the 8B model; tiled, 51 ms on an H200, both measured 2026-12-06).
+Tiling is the default where the kernel runs; ``tiled=True`` on the CPU runs the same host-side
+tiling through :func:`paged_tile_reference` (how the tests cover it).
 
 >>> runner = ModelRunner(engine.model, pool, max_batch_size=64, max_seq_len=2048)  # doctest: +SKIP
 >>> logits = runner.step(batch)  # doctest: +SKIP
@@ -200,8 +199,8 @@ def _head(model: Decoder, x, logits_indices):
 class ModelRunner:
     """Runs scheduled batches on ``model`` (the engine's decoder, quantized linears already swapped in)
     over ``pool``. ``cuda_graphs`` (CUDA only): decode-only steps replay captured graphs of the
-    compiled blocks. ``tiled``: mixed steps run tiled (on the CPU through the plain torch twin); off by
-    default until measured on a GPU."""
+    compiled blocks. ``tiled``: mixed steps run tiled (default: where the Triton kernel runs; on the CPU,
+    if asked, through its plain torch twin)."""
 
     def __init__(self, model: Decoder, pool: BlockPool, *, max_batch_size: int, max_seq_len: int,
                  cuda_graphs: bool | None = None, tiled: bool | None = None):
@@ -218,8 +217,7 @@ class ModelRunner:
         self.buckets = [b for b in DECODE_BUCKETS if b < max_batch_size] + [max_batch_size]
         self._graphs: dict[int, SimpleNamespace] = {}
         self._graph_pool = None
-        # opt-in until the kernel's compiled path has run on a GPU (checked so far in Triton's interpreter)
-        self.tiled = bool(tiled) and self.window is None
+        self.tiled = (self.use_kernel if tiled is None else bool(tiled)) and self.window is None
         self.tile_tokens = paged_attention.tokens_per_tile(model.cfg.num_heads // model.cfg.num_kv_heads)
         self._fns = (_prelude, _block, _head)  # off CUDA: the bucketed decode runs eagerly (how CPU tests cover it)
         self._tile_fns = (_prelude, _tile_block, _head)
@@ -237,7 +235,7 @@ class ModelRunner:
         bs = self.pool.block_size
         for seq, n in zip(batch.seqs, batch.num_new):
             start, end = seq.num_computed, seq.num_computed + n
-            ids += seq.tokens[start:end]
+            ids += seq.feed(start, end)
             positions += range(start, end)
             slots += self.pool.slots(seq.block_table, start, end)
             if end == seq.num_tokens:  # the chunk reaches the end: its last row gives the next token
@@ -269,7 +267,7 @@ class ModelRunner:
         tables = []
         for s, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start, end, row0 = seq.num_computed, seq.num_computed + n, len(ids)
-            ids += seq.tokens[start:end]
+            ids += seq.feed(start, end)
             positions += range(start, end)
             slots += self.pool.slots(seq.block_table, start, end)
             if end == seq.num_tokens:
@@ -302,15 +300,21 @@ class ModelRunner:
 
     # -------------------------------------------------------------- running
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> torch.Tensor:
+    def step(self, batch: ScheduledBatch, fed: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``batch``; return logits [S, V] for the sequences whose chunk reached their end (in
-        batch order). Advances each sequence's ``num_computed``."""
+        batch order). Advances each sequence's ``num_computed``. ``fed``: the input ids of the first
+        ``len(fed)`` rows, already on the device (the tokens the previous step sampled, not read back:
+        their host placeholders are overwritten here, in stream order, before the step reads them)."""
         if self.cuda_graphs and batch.num_decodes == len(batch.seqs) and len(batch.seqs) <= self.buckets[-1]:
-            logits = self._graphed_decode(batch)
+            logits = self._graphed_decode(batch, fed)
         elif self.tiled:
-            logits = self._run_tiled(self._tile_meta(batch))
+            m = self._tile_meta(batch)
+            _overwrite_ids(m.input_ids, fed)
+            logits = self._run_tiled(m)
         else:
-            logits = self._eager(self._meta(batch))
+            meta = self._meta(batch)
+            _overwrite_ids(meta.input_ids, fed)
+            logits = self._eager(meta)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
         return logits
@@ -331,7 +335,7 @@ class ModelRunner:
                           self.use_kernel)
             return head(self.model, x, m.logits_indices)
 
-    def _graphed_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _graphed_decode(self, batch: ScheduledBatch, fed: torch.Tensor | None = None) -> torch.Tensor:
         n = len(batch.seqs)
         bucket = next(b for b in self.buckets if b >= n)
         st = self._graphs.get(bucket) or self._capture(bucket)
@@ -343,10 +347,11 @@ class ModelRunner:
         for i, seq in enumerate(batch.seqs):
             p = seq.num_computed
             table = seq.block_table
-            inputs[:, i] = (seq.tokens[p], p, table[p // bs] * bs + p % bs, p + 1)
+            inputs[:, i] = (seq.feed(p, p + 1)[0], p, table[p // bs] * bs + p % bs, p + 1)
             tables[i, :len(table)] = table
         st.inputs.copy_(st.host_inputs, non_blocking=True)
         st.tables.copy_(st.host_tables, non_blocking=True)
+        _overwrite_ids(st.inputs[0:1], fed)
         if st.graph is None:
             return self._run_static(st)[:n]
         st.graph.replay()
@@ -413,6 +418,11 @@ class ModelRunner:
                                 first_ctx=torch.ones(t, dtype=torch.int32, device=self.device),
                                 tables=torch.zeros(t, 2, dtype=torch.int32, device=self.device))
             self._run_tiled(m)
+
+
+def _overwrite_ids(input_ids: torch.Tensor, fed: torch.Tensor | None) -> None:
+    if fed is not None:
+        input_ids[0, :len(fed)].copy_(fed)
 
 
 # ------------------------------------------------------------------------------ sampling

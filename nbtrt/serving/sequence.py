@@ -7,6 +7,11 @@ logits give the next token. Prefill and decode are the same thing seen this way:
 fed in chunks, a decode feeds one token. Preemption (recompute) frees the blocks and sets
 ``num_computed`` back to 0: the sequence's prompt and the tokens it generated are fed again.
 
+``pending`` (0 or 1) is a token sampled on the device and not read back yet: when steps overlap
+(:class:`~nbtrt.serving.llm.LLM`), the next step feeds it straight from the device while the host
+reads it. It counts in ``num_tokens``; :meth:`Sequence.feed` gives it as 0, a placeholder the
+runner overwrites on the device.
+
 >>> seq = Sequence("r1", [1, 2, 3], SamplingParams(max_new_tokens=4))  # doctest: +SKIP
 """
 from __future__ import annotations
@@ -46,15 +51,24 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     preemptions: int = 0
+    pending: int = 0  # sampled on the device, not read back yet (overlapped steps)
 
     @property
     def tokens(self) -> list[int]:
-        """What the model reads: the prompt and every generated token."""
+        """The tokens known on the host: the prompt and every generated token read back."""
         return self.prompt + self.output
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        return len(self.prompt) + len(self.output) + self.pending
+
+    def feed(self, start: int, end: int) -> list[int]:
+        """Token ids ``start:end`` as a step feeds them; the pending token (not read back yet) is 0."""
+        n = len(self.prompt)
+        if end <= n:
+            return self.prompt[start:end]
+        known = (self.prompt[start:] if start < n else []) + self.output[max(0, start - n):end - n]
+        return known + [0] * (end - start - len(known))
 
     @property
     def remaining(self) -> int:
