@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .chat_template import ROLES, apply_chat_template, check_messages  # noqa: F401  (nbtrt.chat's public names)
-from .generate import GenerationError, GenerationState, GenerationStats, SamplingParams, check_text, generate_text
+from .generate import GenerationError, GenerationState, GenerationStats, SamplingParams, check_text
 from .transcript import Reply, finish_reason
-from .turns import leased_stream
 
 # `nbtrt chat`'s default answer length: long enough not to cut an ordinary answer short (the
 # engine's room caps it, and an answer that hits the cap ends with "[length limit]")
@@ -96,19 +95,11 @@ class ChatSession:
         params = self.engine.sampling(**options)  # the one place options are checked
         cancel = cancel or threading.Event()  # ours when the caller has none: Stop is read from it
         state = GenerationState([ids], stats=stats or GenerationStats())
-        deltas = self._stream(ids, params, cancel, state, options)
+        deltas = self.engine.stream(ids, cancel=cancel, state=state, **options)
         self.reply = Reply(stats=state.stats, max_new_tokens=params.max_new_tokens)
         answer = self._record(text, deltas, self.reply, state, params, cancel)
         self._answer = weakref.ref(answer)
         return answer
-
-    def _stream(self, ids: list[int], params: SamplingParams, cancel: threading.Event, state: GenerationState,
-                options: dict) -> Iterator[str]:
-        if isinstance(self.engine, HFReference):
-            return self.engine.stream(ids, cancel=cancel, state=state, **options)
-        # Engine.stream, keeping the loop's state: the answer's token ids and how it ended
-        self.engine.check_request([ids], params.max_new_tokens)
-        return leased_stream(self.engine, generate_text(self.engine, [ids], params, cancel=cancel, state=state), cancel)
 
     def _record(self, text: str, deltas: Iterator[str], reply: Reply, state: GenerationState,
                 params: SamplingParams, cancel: threading.Event) -> Iterator[str]:

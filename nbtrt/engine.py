@@ -278,11 +278,13 @@ class Engine:
         return texts if as_text else state.tokens
 
     def stream(self, prompt: str | list[int], cancel: threading.Event | None = None,
-               stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
+               stats: GenerationStats | None = None, state: GenerationState | None = None,
+               **sampling) -> Iterator[str]:
         """Yield text deltas as tokens arrive; their concatenation equals the full decode.
         ``prompt`` is text or token ids (e.g. from :func:`nbtrt.chat.apply_chat_template`).
         Setting ``cancel`` (a ``threading.Event``, from any thread) ends the stream within one
-        step; ``stats`` (a :class:`GenerationStats`) fills in TTFT and tokens/s as it runs.
+        step; ``stats`` (a :class:`GenerationStats`) fills in TTFT and tokens/s as it runs;
+        ``state`` (optional) is the loop's own: the answer's token ids and how each row ended.
         Bad input raises here, before anything runs.
 
         >>> for delta in engine.stream("Hi!", max_new_tokens=16): print(delta, end="")  # doctest: +SKIP
@@ -290,7 +292,7 @@ class Engine:
         params = self.sampling(**sampling)
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else self.encode(prompt)
         self.check_request([ids], params.max_new_tokens)
-        state = GenerationState([ids], stats=stats or GenerationStats())
+        state = state or GenerationState([ids], stats=stats or GenerationStats())
         # the engine is taken at the first read and given back at the end, on close(), or when the
         # stream is garbage-collected; an unread stream cannot keep it from another thread for long
         return leased_stream(self, generate_text(self, [ids], params, cancel=cancel, state=state), cancel)
