@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nbtrt
+from nbtrt._io import ArtifactError
 from nbtrt.convert import convert_tensors
 from nbtrt.debug import bisect, compare, lab, metrics
 from nbtrt.debug.capture import KINDS, probes
@@ -211,6 +212,10 @@ def test_a_bug_found_through_an_onnxruntime_engine(tmp_path):
     assert r.first_divergence is not None and r.first_divergence.name == "layers.0.attn.q", r.summary()
     with pytest.raises(ValueError, match="runtime"):
         lab.save(ckpt, "rope_applied_twice", tmp_path / "x")
+    for out in (ckpt, Path(ckpt) / "inside"):  # a buggy copy never replaces (or nests in) its source
+        with pytest.raises(ArtifactError, match="overlaps the input"):
+            lab.save(ckpt, "conv1d_not_transposed", out, overwrite=True)
+    assert nbtrt.load(nbtrt.build(ckpt, tmp_path / "still-good", **opts)) is not None
 
 
 def test_different_models_are_refused(models):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir
+from .._io import atomic_dir, check_output
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import DecoderConfig, load_checkpoint_config
 from ..mapping import architecture_for
@@ -220,11 +220,12 @@ def save(ckpt: str | Path, bug: str | Bug, out: str | Path, *, overwrite: bool =
         raise ValueError(f"bug {bug.name!r} is in the runtime, not in the checkpoint; use lab.inject() "
                          f"for a decoder carrying it. Bugs a checkpoint can hold: "
                          f"{sorted(b.name for b in BUGS.values() if b.edit)}")
+    check_output(out, (ckpt,), overwrite=overwrite)  # never over (or inside) the checkpoint it reads
     cfg, tensors = _cfg_tensors(ckpt)
     if not bug.applies(cfg):
         raise ValueError(f"bug {bug.name!r} cannot occur in a {cfg.architecture} with this config")
     cfg, tensors = bug.edit(cfg, tensors)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=(ckpt,)) as tmp:
         save_checkpoint(tmp, cfg, tensors, stage="lab", source=ckpt, options={"bug": bug.name}, tokenizer_dir=Path(ckpt))
     return Path(out)
 
