@@ -355,7 +355,7 @@ class LLM:
         step's tokens are read back: it feeds them from the device, and the host reads them, streams
         them and checks stops while the GPU computes (TensorRT-LLM's overlap scheduler). A sequence
         that stopped on the token being read has had one extra step computed; it is thrown away."""
-        from .runner import sample
+        from .runner import plain_greedy, sample
 
         pending, self._pending = self._pending, None
         chained = self._chained_batch(pending) if pending is not None else None
@@ -374,7 +374,7 @@ class LLM:
             logits = self.runner.step(batch)
         self._counters["steps"] += 1
         ready = [s for s in batch.seqs if s.num_computed == s.num_tokens]  # rows of logits, in order
-        if ready and self.overlap and all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in ready):
+        if ready and self.overlap and all(map(plain_greedy, ready)):
             self._pending = _Pending(ready, logits.argmax(-1), whole=len(ready) == len(batch.seqs))
         if chained is not None:
             self._read_back(pending)

@@ -426,10 +426,15 @@ def _overwrite_ids(input_ids: torch.Tensor, fed: torch.Tensor | None) -> None:
 
 
 # ------------------------------------------------------------------------------ sampling
+def plain_greedy(seq: Sequence) -> bool:
+    """Its next token is its logits' argmax and nothing else (no penalty reads its history)."""
+    return seq.params.greedy and seq.params.repetition_penalty == 1.0
+
+
 def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
     """One next token per sequence under its own SamplingParams: greedy rows in one argmax, the
     others one by one through :func:`nbtrt.generate.next_tokens` (own generator, own history)."""
-    plain = [i for i, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
+    plain = [i for i, s in enumerate(seqs) if plain_greedy(s)]
     out = [0] * len(seqs)
     if plain:
         rows = logits if len(plain) == len(seqs) else logits[torch.tensor(plain, device=logits.device)]
