@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--no-ablation", action="store_true",
                     help="leave out batch 1 and full load re-run without overlap and without tiling")
     ap.add_argument("--full-load", type=int, default=1024, help="128/128 requests at full load")
+    ap.add_argument("--prefix-caching", action="store_true", help="in-flight: share repeated prompts' KV blocks")
     a = ap.parse_args()
     out = Path(a.out or Path(os.environ.get("OUT", "benchmarks/results")) / "serving_gpu.json")
     q = a.quick
@@ -106,8 +107,10 @@ def main() -> None:
 
     # ---------------------------------------------------------------- in-flight batching
     t = time.perf_counter()
+    # prefix caching off: the same prompts run again (batch-1 repeats, the ablation, the Poisson sweep
+    # of the 100-mix), and a cache would serve the repeats from memory; static batching has none
     llm = LLM(engine, max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, max_seq_len=longest,
-              max_input_len=longest, tiled=False if a.untiled else None)
+              max_input_len=longest, tiled=False if a.untiled else None, prefix_caching=a.prefix_caching)
     R["compile_s"]["inflight"] = round(time.perf_counter() - t, 1)
     R["kv_pool"] = {"blocks": llm.pool.capacity, "block_size": llm.pool.block_size,
                     "tokens": llm.pool.capacity * llm.pool.block_size, "gib": llm.pool.bytes / 2 ** 30}
@@ -181,7 +184,7 @@ def fp32_agreement(quick: bool, prompts: list[list[int]], new_tokens: int, layer
     static = [t for i in range(0, len(prompts), 16) for t in engine.generate(
         input_ids=prompts[i:i + 16], max_new_tokens=new_tokens, stop_token_ids=())]
     release_static_cache(engine)
-    with LLM(engine, max_batch_size=64, verbose=False) as llm:
+    with LLM(engine, max_batch_size=64, verbose=False, prefix_caching=False) as llm:
         outs = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_new_tokens=new_tokens), use_tqdm=False)]
     r = {"layers": layers, "dtype": "float32", "requests": len(prompts), "new_tokens": new_tokens,
          "greedy_agreement": agreement(outs, static),

@@ -280,10 +280,12 @@ def _sampling_from_args(a) -> dict:
                 repetition_penalty=a.repetition_penalty, seed=a.seed, stop_strings=a.stop)
 
 
-def _load(engine_dir: str):
-    from .engine import load
+def _load(engine_dir: str, max_batch_size: int = 1):
+    """The engine behind ``nbtrt.LLM``, the loop the server runs (in-flight batching on a torch
+    engine, static batches elsewhere), with a KV cache for ``max_batch_size`` sequences only."""
+    from .serving.llm import LLM
 
-    return load(engine_dir)
+    return LLM(engine_dir, max_batch_size=max_batch_size, verbose=False)
 
 
 def _line_editing() -> None:
@@ -299,7 +301,7 @@ def run_chat(a) -> None:
     """``nbtrt chat ENGINE_DIR``: a terminal chat with line editing and history. Ctrl-C stops an
     answer (at the prompt it clears the line); Ctrl-D or /exit quits; /undo, /clear, /export PATH."""
     _line_editing()
-    engine = _load(a.engine_dir)
+    engine = _load(a.engine_dir)  # an nbtrt.LLM: the serving loop, one conversation at a time
     options = _sampling_from_args(a)
     if options["max_new_tokens"] is None:
         options["max_new_tokens"] = CHAT_MAX_NEW_TOKENS
@@ -378,22 +380,32 @@ def _answer(session: ChatSession, text: str) -> None:
 
 
 def run_prompts(a) -> None:
-    """``nbtrt run ENGINE_DIR --prompt ...``: one prompt streams; several run as one batch."""
-    engine = _load(a.engine_dir)
-    options = _sampling_from_args(a)
+    """``nbtrt run ENGINE_DIR --prompt ...``: one prompt streams; several are served together."""
     prompts = a.prompt
+    for i, p in enumerate(prompts):  # before the engine loads: a typo costs no wait
+        check_text(f"prompt {i}", p)
+        if not p:
+            raise GenerationError("prompt is empty" + (f" (--prompt number {i + 1})" if len(prompts) > 1 else ""))
+    llm = _load(a.engine_dir, max_batch_size=min(len(prompts), 8))
+    options = _sampling_from_args(a)
     if a.chat:
-        prompts = [apply_chat_template(engine.tokenizer, ([{"role": "system", "content": a.system}] if a.system else [])
+        prompts = [apply_chat_template(llm.tokenizer, ([{"role": "system", "content": a.system}] if a.system else [])
                                        + [{"role": "user", "content": p}]) for p in prompts]
-    stats = GenerationStats()
     if len(prompts) == 1:
-        for delta in engine.stream(prompts[0], stats=stats, **options):
+        stats = GenerationStats()
+        for delta in llm.stream(prompts[0], stats=stats, **options):
             print(delta, end="", flush=True)
         print()
-    else:
-        for i, text in enumerate(engine.generate(prompts, stats=stats, **options)):
-            print(f"--- [{i}]\n{text}")
-    print(f"[{stats.summary()}]", file=sys.stderr)
+        print(f"[{stats.summary()}]", file=sys.stderr)
+        return
+    start = time.perf_counter()
+    outs = llm.generate(prompts, llm.sampling(**options), use_tqdm=False)
+    for i, out in enumerate(outs):
+        print(f"--- [{i}]\n{out.text}")
+    tokens, wall = sum(len(o.token_ids) for o in outs), time.perf_counter() - start
+    ttft = sorted(o.metrics["ttft_s"] or 0.0 for o in outs)[len(outs) // 2]
+    print(f"[{len(outs)} prompts, {tokens} tokens · TTFT median {1e3 * ttft:.0f} ms · {tokens / wall:.1f} tokens/s]",
+          file=sys.stderr)
 
 
 def add_cli(sub) -> None:

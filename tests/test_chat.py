@@ -117,8 +117,19 @@ def test_session_keeps_history_and_survives_bad_input(tiny):
 
 
 # ---------------------------------------------------------------------------- widget
-def test_widget_streams_stops_clears_and_compares(tiny):
-    chat = Chat(tiny.engine, reference=tiny.src)
+@pytest.mark.parametrize("on", ["engine", "llm"])
+def test_widget_streams_stops_clears_and_compares(tiny, on):
+    """The chat cell on an engine and on nbtrt.LLM (the serving loop, in-flight batching) alike."""
+    llm = nbtrt.LLM(tiny.engine, max_batch_size=2, verbose=False) if on == "llm" else None
+    try:
+        _streams_stops_clears_and_compares(Chat(llm or tiny.engine, reference=tiny.src))
+    finally:
+        if llm is not None:
+            llm.pool.check_no_leaks()
+            llm.shutdown()
+
+
+def _streams_stops_clears_and_compares(chat):
     chat.max_new_tokens.value = 12
     live_states = []
     chat.engine_pane.live.observe(lambda change: live_states.append(change["new"]), "value")

@@ -80,6 +80,39 @@ def test_inflight_greedy_equals_alone(tiny, bucketed, tiled):
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["per-sequence", "tiled"])
+def test_prefix_caching_shares_blocks_and_changes_no_token(tiny, tiled):
+    """Requests that share a system prompt (and some that repeat a whole prompt, one of them a whole
+    number of blocks long) share its KV blocks: fewer tokens computed, greedy outputs equal to the
+    request run alone; a pool too small to keep everything evicts remembered blocks and still
+    changes nothing; with prefix_caching=False nothing is shared."""
+    g = random.Random(7)
+    system = [g.randrange(257) for _ in range(13)]  # 3 full blocks of 4, and one token more
+    requests = [(system + [g.randrange(257) for _ in range(g.randint(1, 9))], g.randint(2, 12)) for _ in range(10)]
+    requests += [requests[0], (system[:12], 6), (system[:12], 6), (system[:8] + [1, 2, 3], 5)]
+    arrivals = [0, 0, 2, 3, 5, 8, 8, 12, 15, 20, 40, 41, 60, 61]
+    for num_blocks in (64, 12):  # roomy; and small enough that remembered blocks must be evicted
+        with nbtrt.LLM(tiny.edir, max_batch_size=4, max_num_tokens=16, block_size=4, num_blocks=num_blocks,
+                       verbose=False, tiled=tiled) as llm:
+            outs = asyncio.run(staggered(llm, requests, arrivals))
+            stats = llm.stats()
+            llm.pool.check_no_leaks()
+        for (prompt, new), out in zip(requests, outs):
+            assert out.token_ids == alone(tiny.static, prompt, new), f"request {out.request_id} differs"
+        cached = [o.metrics["num_cached_tokens"] for o in outs]
+        assert all(c % 4 == 0 and c < len(p) for c, (p, _) in zip(cached, requests))  # whole blocks, never the last token
+        assert stats["prefix_cached_tokens"] == sum(cached) > 0, stats
+        if num_blocks == 64:  # the first request computes the system prompt; later ones share its 3 blocks
+            assert cached[0] == 0 and max(cached[1:]) >= 12
+            assert cached[10] >= 12  # a repeated prompt: everything but its last block
+            assert cached[12] == 8  # 12 tokens, 3 whole blocks: the last one is computed again (its logits)
+    with nbtrt.LLM(tiny.edir, max_batch_size=4, block_size=4, num_blocks=64, verbose=False,
+                   prefix_caching=False) as llm:
+        outs = llm.generate([p for p, _ in requests[:3]], llm.sampling(max_new_tokens=4, stop_token_ids=()),
+                            use_tqdm=False)
+        assert llm.stats()["prefix_cached_tokens"] == 0 and "prefix caching" not in repr(llm.pool.describe())
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["per-sequence", "tiled"])
 def test_chunked_prefill_equals_unchunked(tiny, tiled):
     requests = random_requests(6, seed=2, max_prompt=100)
     results = []
@@ -359,3 +392,44 @@ def test_onnxruntime_engine_serves_static_batches(tiny):
         outs = llm.generate([p for p, _ in requests], llm.sampling(max_new_tokens=8, stop_token_ids=()), use_tqdm=False)
     for (p, _), out in zip(requests, outs):
         assert out.finish_reason == "length" and out.token_ids == alone(tiny.static, p, 8)
+
+
+def test_chat_session_on_an_llm_answers_as_on_its_engine(with_tokenizer, tmp_path):
+    """The chat cell and `nbtrt chat` talk to an LLM through ChatSession: the same turns, token for
+    token, as on the engine alone; two conversations at once share the batch; Stop frees the blocks."""
+    from nbtrt.chat import ChatSession
+
+    with nbtrt.LLM(with_tokenizer, work_dir=tmp_path, max_batch_size=4, verbose=False) as llm:
+        questions = ["Hello there, how are you?", "And what is a KV cache?"]
+        on_llm, on_engine = (ChatSession(x, system="Be brief.", max_new_tokens=12, stop_token_ids=())
+                             for x in (llm, llm.engine))
+        for q in questions:
+            assert "".join(on_llm.send(q)) == "".join(on_engine.send(q))
+        assert [r.token_ids for r in on_llm.replies] == [r.token_ids for r in on_engine.replies]
+        assert [r.finish for r in on_llm.replies] == ["length", "length"]
+        assert on_llm.reply.stats.new_tokens == 12 and on_llm.reply.stats.ttft_s > 0
+
+        answers = {}
+
+        def converse(name):
+            session = ChatSession(llm, max_new_tokens=12, stop_token_ids=())
+            answers[name] = "".join(session.send(name))
+
+        threads = [threading.Thread(target=converse, args=(q,)) for q in questions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for q in questions:
+            alone_session = ChatSession(llm.engine, max_new_tokens=12, stop_token_ids=())
+            assert answers[q] == "".join(alone_session.send(q))
+
+        cancel, session = threading.Event(), ChatSession(llm, max_new_tokens=200, stop_token_ids=())
+        deltas = session.send(questions[0], cancel=cancel)
+        next(deltas)
+        cancel.set()
+        rest = list(deltas)
+        assert session.reply.finish == "stopped" and len(session.reply.token_ids) < 200, rest
+        llm.pool.check_no_leaks()
+        with pytest.raises(GenerationError):  # bad input raises at send, before anything is queued
+            ChatSession(llm).send("hi", max_new_tokens=0)

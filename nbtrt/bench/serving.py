@@ -126,6 +126,9 @@ def bench_serving(model, workload: Workload | None = None, rates: list[float] | 
     outs = [n for _, n in workload.lengths]
     seq_len = max(len(p) + n for p, n in zip(prompts, outs))
     runs = []
+    # the same prompts run once per rate (and the first few as warm-up): a prefix cache would serve
+    # the repeats from memory, which no real mix allows and static batching cannot; off unless asked
+    llm_options.setdefault("prefix_caching", False)
     servers = [("static", dict(batching="static", max_batch_size=static_batch_size)),
                ("inflight", dict(batching="inflight", max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                                  **llm_options))]

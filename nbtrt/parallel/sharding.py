@@ -157,6 +157,62 @@ def shard_tensors(cfg: DecoderConfig, tensors: dict[str, torch.Tensor], world: i
     return out
 
 
+# How a module's output is split across ranks, where it is not whole on every rank (a rank sees only
+# its heads or its MLP slice); what capture gathers. Any other module's output is whole: the row-split
+# linears (and the attention and MLP ending in them) all-reduce, the vocabulary-parallel ones all-gather.
+#   qkv       [..., q heads | kv heads | kv heads] of the rank's heads (KV heads copied when few)
+#   column    [..., intermediate_size / N]
+#   q_heads   [B, heads / N, T, head_dim]
+#   kv_heads  [B, the rank's KV heads, T, head_dim]
+OUTPUT_SPLIT: dict[str, str] = {
+    "layers.{layer}.attn.qkv": "qkv",
+    "layers.{layer}.attn.q_norm": "q_heads",
+    "layers.{layer}.attn.k_norm": "kv_heads",
+    "layers.{layer}.attn.k_quant": "kv_heads",
+    "layers.{layer}.attn.v_quant": "kv_heads",
+    "layers.{layer}.mlp.gate": "column",
+    "layers.{layer}.mlp.up": "column",
+}
+
+
+def output_split(module: str) -> str | None:
+    """The rule of :data:`OUTPUT_SPLIT` for a module name; None where the output is whole on every rank.
+
+    >>> output_split("layers.3.mlp.up"), output_split("layers.3.mlp")
+    ('column', None)
+    """
+    return OUTPUT_SPLIT.get(_LAYER.sub("layers.{layer}.", module))
+
+
+def join_outputs(cfg: DecoderConfig, module: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The TP=1 output of ``module`` from every rank's (``parts``, in rank order): the inverse of the
+    split; a KV head held by several ranks is taken once. ``cfg`` is the whole model's config.
+
+    >>> join_outputs(cfg, "layers.0.attn.qkv", [rank0_out, rank1_out]).shape[-1] == cfg.qkv_size  # doctest: +SKIP
+    """
+    world, rule = len(parts), output_split(module)
+    if rule is None:
+        return parts[0]
+    if rule == "column":
+        return torch.cat(parts, dim=-1)
+    if rule == "q_heads":
+        return torch.cat(parts, dim=1)
+    if rule == "kv_heads":
+        return _join_kv_heads(cfg, parts, dim=1)
+    r = rank_config(cfg, world)
+    q, k, v = zip(*(p.split([r.q_size, r.kv_size, r.kv_size], dim=-1) for p in parts))
+    return torch.cat([torch.cat(q, dim=-1), _join_kv_heads(cfg, k, -1), _join_kv_heads(cfg, v, -1)], dim=-1)
+
+
+def _join_kv_heads(cfg: DecoderConfig, parts, dim: int) -> torch.Tensor:
+    heads: dict[int, torch.Tensor] = {}
+    for rank, part in enumerate(parts):
+        mine = _heads_of_rank(cfg, len(parts), rank)[1]
+        for h, one in zip(mine, part.chunk(len(mine), dim=dim)):
+            heads.setdefault(h, one)
+    return torch.cat([heads[h] for h in range(cfg.num_kv_heads)], dim=dim)
+
+
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 

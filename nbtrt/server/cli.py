@@ -20,6 +20,8 @@ def add_cli(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N rank processes (static batches; CPU: Gloo, N GPUs: NCCL)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run_serve)
 
@@ -30,6 +32,8 @@ def run_serve(args) -> None:
     llm_options = {"backend": args.backend, "max_batch_size": args.max_batch_size}
     llm_options.update({k: v for k, v in (("max_seq_len", args.max_seq_len), ("num_blocks", args.num_blocks))
                         if v is not None})
+    if args.tensor_parallel_size != 1:  # validated by nbtrt.LLM, with the fix in its message
+        llm_options["tensor_parallel_size"] = args.tensor_parallel_size
     handle = make_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
                          allow_remote=args.allow_remote, served_model_name=args.served_model_name,
                          max_queue=args.max_queue, log_level=args.log_level, **llm_options)

@@ -151,8 +151,10 @@ def serve(model_or_llm, *, host: str = "127.0.0.1", port: int = 0, api_key: str 
     """Serve ``model_or_llm`` (an ``nbtrt.LLM``, or a zoo name / model or engine directory, with
     ``llm_options`` for ``nbtrt.LLM``) over OpenAI's HTTP API from a background thread.
     ``port=0`` picks a free port; ``handle.url`` is the base URL for ``openai.OpenAI(base_url=...)``.
+    ``tensor_parallel_size=N`` (an LLM option) serves the model split over N rank processes.
 
     >>> server = nbtrt.serve("smollm2-135m-instruct")  # doctest: +SKIP
+    >>> server = nbtrt.serve("work/ckpt", tensor_parallel_size=2)  # doctest: +SKIP
     >>> client = openai.OpenAI(base_url=server.url, api_key="none")  # doctest: +SKIP
     >>> server.stop()  # doctest: +SKIP
     """

@@ -15,17 +15,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import numbers
+import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import torch
 
 from ..engine import Engine, EngineLimits
-from ..generate import Detokenizer, GenerationError, SamplingParams
-from .artifacts import resolve_engine
+from ..generate import Detokenizer, GenerationError, GenerationState, GenerationStats, SamplingParams
+from .artifacts import resolve_engine, tensor_parallel_engine
 from .block_pool import BlockPool, blocks_for_memory
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
@@ -55,11 +56,16 @@ class LLM:
 
     ``model``: a zoo name, a HF directory, an nbtrt checkpoint, an engine directory or an
     :class:`~nbtrt.engine.Engine` already loaded; whatever is missing is converted and built
-    once under ``work_dir``. Options: see ``LLM_API.md`` (``max_batch_size`` sequences a step,
+    once under ``work_dir``. Options (docs/serving.md): ``max_batch_size`` sequences a step,
     ``max_num_tokens`` tokens a step, ``block_size`` / ``num_blocks`` / ``gpu_memory_utilization``
-    for the KV pool). ``cuda_graphs=False`` runs decode steps eagerly on CUDA too; ``tiled`` runs mixed
+    for the KV pool. ``cuda_graphs=False`` runs decode steps eagerly on CUDA too; ``tiled`` runs mixed
     steps through the tile kernel as one compiled graph (default on CUDA); ``overlap=False`` reads every
-    step's tokens back before launching the next (see :meth:`_inflight_step`).
+    step's tokens back before launching the next (see :meth:`_inflight_step`); ``prefix_caching=False``
+    computes every prompt in full instead of sharing the KV blocks of a prefix seen before (a system
+    prompt, a conversation's earlier turns: see :mod:`~nbtrt.serving.block_pool`).
+    ``tensor_parallel_size=N`` (N > 1) splits the model over N rank processes started here (CPU: Gloo;
+    N GPUs: NCCL, not yet run) through :class:`~nbtrt.parallel.TensorParallelEngine`, served with static
+    batches (no in-flight batching under tensor parallelism yet); ``shutdown()`` stops the ranks.
 
     >>> with nbtrt.LLM("smollm2-135m-instruct", max_batch_size=16) as llm:  # doctest: +SKIP
     ...     print(llm.generate(["Hi!"])[0].text)
@@ -70,10 +76,25 @@ class LLM:
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9, device: str | None = None,
                  dtype: str | None = None, work_dir: str | Path | None = None, cuda_graphs: bool | None = None,
                  warmup: bool = True, verbose: bool = True, batching: str | None = None, tiled: bool | None = None,
-                 overlap: bool = True):
-        self.engine: Engine = resolve_engine(model, backend, work_dir=work_dir, device=device, dtype=dtype,
-                                             max_batch_size=max_batch_size, max_input_len=max_input_len,
-                                             max_seq_len=max_seq_len)
+                 overlap: bool = True, prefix_caching: bool = True, tensor_parallel_size: int = 1):
+        tp = tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, numbers.Integral) or tp < 1:
+            raise ValueError(f"tensor_parallel_size={tp!r} must be an integer >= 1 (1: one process, no tensor "
+                             "parallelism; N: N rank processes, each holding 1/N of the model)")
+        self.tensor_parallel_size = int(tp)
+        if tp > 1:  # checked before any rank starts
+            if batching == "inflight" or backend != "torch":
+                raise ValueError(f"tensor_parallel_size={tp} serves static batches of the torch decoder: in-flight "
+                                 f"batching over the paged KV cache is not built for tensor parallelism yet; leave "
+                                 f"batching (static) and backend ('torch') at their defaults, got batching="
+                                 f"{batching!r}, backend={backend!r}")
+            self.engine: Engine = tensor_parallel_engine(model, tp, work_dir=work_dir, device=device, dtype=dtype,
+                                                         max_batch_size=max_batch_size, max_input_len=max_input_len,
+                                                         max_seq_len=max_seq_len)
+        else:
+            self.engine = resolve_engine(model, backend, work_dir=work_dir, device=device, dtype=dtype,
+                                         max_batch_size=max_batch_size, max_input_len=max_input_len,
+                                         max_seq_len=max_seq_len)
         cfg = self.engine.config
         self.backend = self.engine.backend
         batching = batching or ("inflight" if self.backend == "torch" else "static")
@@ -102,7 +123,7 @@ class LLM:
                 num_blocks = blocks_for_memory(cfg, block_size, kv_dtype, dev, gpu_memory_utilization, reserve)
                 if dev.type != "cuda":  # a CPU never needs more than every sequence at full length
                     num_blocks = min(num_blocks, max_batch_size * -(-seq_len // block_size) + 1)
-            self.pool = BlockPool(cfg, num_blocks, block_size, kv_dtype, dev)
+            self.pool = BlockPool(cfg, num_blocks, block_size, kv_dtype, dev, prefix_caching=prefix_caching)
             if verbose:
                 print(f"nbtrt.LLM: {self.pool.describe()} on {dev}")
             self.scheduler = Scheduler(self.pool, max_batch_size, max_num_tokens)
@@ -129,11 +150,29 @@ class LLM:
         return self.engine.tokenizer
 
     def sampling(self, **overrides) -> SamplingParams:
-        """The model's generation_config.json with ``overrides`` on top, like ``Engine.sampling``.
+        """The model's generation_config.json with ``overrides`` on top: :meth:`Engine.sampling`
+        (the end tokens included), so an LLM and its engine stop on the same tokens.
 
         >>> llm.sampling(max_new_tokens=32, temperature=0.7)  # doctest: +SKIP
         """
-        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+        return self.engine.sampling(**overrides)
+
+    # what the chat cell, ChatSession and the debugger read from an engine, so an LLM can stand in
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def engine_dir(self) -> Path:
+        return self.engine.engine_dir
+
+    @property
+    def manifest(self) -> dict:
+        return self.engine.manifest
 
     def encode(self, text: str) -> list[int]:
         return self.engine.encode(text)
@@ -300,6 +339,52 @@ class LLM:
             if not finished:
                 self.abort(seq.request_id)
 
+    def stream(self, prompt, cancel: threading.Event | None = None, stats: GenerationStats | None = None,
+               state: GenerationState | None = None, **sampling) -> Iterator[str]:
+        """One request's text deltas as its tokens arrive: :meth:`Engine.stream`'s interface, so
+        :class:`~nbtrt.chat.ChatSession`, the chat cell and ``nbtrt chat`` run on an LLM and share
+        it with other requests. ``cancel`` (set from any thread) or closing the stream aborts the
+        request; ``stats`` and ``state`` are filled in as for an engine. Bad input raises here.
+
+        >>> for delta in llm.stream("Hi!", max_new_tokens=16): print(delta, end="")  # doctest: +SKIP
+        """
+        seq = self._sequence(prompt, self.sampling(**sampling), None)
+        state = state or GenerationState([seq.prompt], stats=stats or GenerationStats())
+        return self._stream_sync(seq, cancel or threading.Event(), state)
+
+    def _stream_sync(self, seq: Sequence, cancel: threading.Event, state: GenerationState) -> Iterator[str]:
+        outputs: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        seq.on_output = outputs.put
+        state.prompts, state.tokens, state.finished, state.cancelled = [seq.prompt], [[]], [False], False
+        state.stats.begin(len(seq.prompt))
+        self._submit(seq)  # at the first read, as an engine's stream starts then
+        finished = aborted = False
+        try:
+            while not finished:
+                if cancel.is_set() and not aborted:
+                    self.abort(seq.request_id)  # the loop ends it within one step and says "abort"
+                    aborted = True
+                try:
+                    out = outputs.get(timeout=0.05)
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise RuntimeError(f"the engine loop stopped: {self._failed or 'shut down'}") from None
+                    continue
+                if out.error:
+                    raise RuntimeError(f"the engine loop failed: {out.error}")
+                finished = out.finished
+                if out.delta_token_ids:
+                    state.tokens[0] += out.delta_token_ids
+                    state.stats.record(len(out.delta_token_ids))
+                if finished:
+                    state.finished[0] = out.finish_reason == "stop"
+                    state.cancelled = out.finish_reason == "abort"
+                if out.delta_text:
+                    yield out.delta_text
+        finally:
+            if not finished:  # closed early, cancelled, or failed: free its blocks now
+                self.abort(seq.request_id)
+
     def stats(self) -> dict:
         """Live counters (safe to read from any thread)."""
         sched = self.scheduler
@@ -307,6 +392,8 @@ class LLM:
                 "waiting": (len(sched.waiting) if sched else len(self._static_waiting)) + len(self._inbox),
                 "kv_blocks_used": self.pool.used if self.pool else 0,
                 "kv_blocks_total": self.pool.capacity if self.pool else 0,
+                "kv_blocks_cached": len(self.pool.evictable) if self.pool else 0,
+                "prefix_cached_tokens": sched.cached_tokens if sched else 0,
                 **self._counters, "preemptions": sched.preemptions if sched else 0}
 
     # ------------------------------------------------------------------ the loop
@@ -357,27 +444,16 @@ class LLM:
         that stopped on the token being read has had one extra step computed; it is thrown away."""
         from .runner import plain_greedy, sample
 
-        pending, self._pending = self._pending, None
-        chained = self._chained_batch(pending) if pending is not None else None
-        if chained is not None:
-            batch, fed = chained
-            logits = self.runner.step(batch, fed)
-            self._counters["overlapped_steps"] += 1
-        else:
-            if pending is not None:
-                self._read_back(pending)
-            batch = self.scheduler.schedule()
-            if not batch:
-                return
-            for seq in batch.seqs:
-                seq.scheduled_time = seq.scheduled_time or time.perf_counter()
-            logits = self.runner.step(batch)
+        launched = self._launch()
+        if launched is None:
+            return
+        batch, logits, unread = launched
         self._counters["steps"] += 1
         ready = [s for s in batch.seqs if s.num_computed == s.num_tokens]  # rows of logits, in order
         if ready and self.overlap and all(map(plain_greedy, ready)):
             self._pending = _Pending(ready, logits.argmax(-1), whole=len(ready) == len(batch.seqs))
-        if chained is not None:
-            self._read_back(pending)
+        if unread is not None:  # the step before: read while this one computes
+            self._read_back(unread)
         if self._pending is not None:
             for seq in ready:
                 seq.pending = 0 if seq.finished else 1
@@ -385,6 +461,25 @@ class LLM:
             for seq, token in zip(ready, sample(ready, logits)):
                 if not seq.finished:
                     self._advance(seq, token)
+
+    def _launch(self):
+        """Start the next step: chained onto the pending step's tokens on the device where it can be,
+        else after reading them back and scheduling afresh. -> (batch, logits, the step still to
+        read back, or None), or None when there is no work."""
+        pending, self._pending = self._pending, None
+        chained = self._chained_batch(pending) if pending is not None else None
+        if chained is not None:
+            batch, fed = chained
+            self._counters["overlapped_steps"] += 1
+            return batch, self.runner.step(batch, fed), pending
+        if pending is not None:
+            self._read_back(pending)
+        batch = self.scheduler.schedule()
+        if not batch:
+            return None
+        for seq in batch.seqs:
+            seq.scheduled_time = seq.scheduled_time or time.perf_counter()
+        return batch, self.runner.step(batch), None
 
     def _chained_batch(self, p: "_Pending"):
         """The next step as decodes of ``p``'s sequences, if it can run before ``p`` is read back:
@@ -400,7 +495,7 @@ class LLM:
         if not seqs or len(seqs) > sched.max_num_tokens or (sched.waiting and len(seqs) < sched.max_batch_size):
             return None
         pool = self.pool
-        if sum(pool.blocks_needed(s.block_table, s.num_computed + 1) for s in seqs) > len(pool.free_blocks):
+        if sum(pool.blocks_needed(s.block_table, s.num_computed + 1) for s in seqs) > pool.num_free:
             return None
         for s in seqs:
             pool.grow(s.block_table, s.num_computed + 1)
@@ -505,6 +600,8 @@ class LLM:
         self.runner = None
         if self.pool is not None:
             self.pool.k, self.pool.v = [], []
+        if self.tensor_parallel_size > 1:  # the LLM started the ranks: it stops them
+            self.engine.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -518,6 +615,8 @@ class LLM:
         c, lim = self.engine.config, self.limits
         how = (f"in-flight batching, {self.pool.describe()}" if self.inflight
                else f"static batches of up to {lim.max_batch_size} (no in-flight batching on {self.backend})")
+        if self.tensor_parallel_size > 1:
+            how += f", tensor_parallel_size={self.tensor_parallel_size}"
         return (f"<nbtrt.LLM {c.architecture} backend={self.backend} device={self.engine.device} {how}; "
                 f"max_seq_len={lim.max_seq_len} max_num_tokens={self.max_num_tokens}>")
 

@@ -347,7 +347,7 @@ class ModelRunner:
         for i, seq in enumerate(batch.seqs):
             p = seq.num_computed
             table = seq.block_table
-            inputs[:, i] = (seq.feed(p, p + 1)[0], p, table[p // bs] * bs + p % bs, p + 1)
+            inputs[:, i] = (seq.token_at(p), p, table[p // bs] * bs + p % bs, p + 1)
             tables[i, :len(table)] = table
         st.inputs.copy_(st.host_inputs, non_blocking=True)
         st.tables.copy_(st.host_tables, non_blocking=True)

@@ -17,6 +17,11 @@ host memory: recomputing a prefill is cheap next to moving the KV over PCIe). Gr
 not change. A request that could never fit the pool on its own is refused at submit
 (:meth:`Scheduler.check_fits`), so nothing waits forever.
 
+With prefix caching, a request being admitted first takes the pool's remembered blocks that
+match the start of its tokens (:meth:`BlockPool.share`) and is fed from the first token after
+them; at least its last token is always fed, since its logits give the first new token. Blocks a
+step has filled are remembered when the next step is scheduled, and when their sequence ends.
+
 >>> sched = Scheduler(pool, max_batch_size=64, max_num_tokens=2048)  # doctest: +SKIP
 >>> batch = sched.schedule()  # doctest: +SKIP
 """
@@ -59,6 +64,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.cached_tokens = 0  # prompt tokens admitted from the prefix cache, not computed
 
     def check_fits(self, seq: Sequence) -> None:
         """Refuse a request that could not fit the KV pool even alone (it would wait forever)."""
@@ -80,6 +86,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_tokens
+        for seq in self.running:
+            self._remember(seq)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -99,10 +107,14 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not batch.preempted:
             seq = self.waiting[0]
+            if not seq.block_table:
+                self._share_prefix(seq)
             n = min(seq.remaining, budget)
             if not self.pool.can_grow(seq.block_table, seq.num_computed + n):
+                self._unshare(seq)  # it waits holding nothing
                 break
             self.waiting.popleft()
+            self._admitted(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.pool.grow(seq.block_table, seq.num_computed + n)
@@ -115,11 +127,36 @@ class Scheduler:
         batch.num_new = [batch.num_new[j] for j in order]
         return batch
 
+    def _share_prefix(self, seq: Sequence) -> None:
+        """Start ``seq`` on the remembered blocks that hold the start of its tokens (all but the last)."""
+        blocks = self.pool.share(seq.block_hashes(self.pool.block_size, seq.num_tokens - 1))
+        seq.block_table.extend(blocks)
+        seq.remembered, seq.num_computed = len(blocks), len(blocks) * self.pool.block_size
+
+    def _unshare(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table)
+        seq.num_computed = seq.remembered = 0
+
+    def _admitted(self, seq: Sequence) -> None:
+        if seq.preemptions == 0:
+            seq.cached_tokens = seq.num_computed
+            self.cached_tokens += seq.num_computed
+
+    def _remember(self, seq: Sequence) -> None:
+        """Tell the pool about ``seq``'s blocks filled since the last time (full and computed)."""
+        if not self.pool.prefix_caching:
+            return
+        hashes = seq.block_hashes(self.pool.block_size, seq.num_computed)
+        for i in range(seq.remembered, len(hashes)):
+            self.pool.remember(seq.block_table[i], hashes[i])
+        seq.remembered = max(seq.remembered, len(hashes))
+
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: free the blocks, back to the front of the queue."""
         self.running.remove(seq)
+        self._remember(seq)  # what it computed stays in the pool: its re-admission may share it back
         self.pool.release(seq.block_table)
-        seq.num_computed = 0
+        seq.num_computed = seq.remembered = 0
         seq.status = Status.WAITING
         seq.preemptions += 1
         self.preemptions += 1
@@ -131,6 +168,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        if seq.status is not Status.WAITING:
+            self._remember(seq)
         self.pool.release(seq.block_table)
         seq.status = Status.FINISHED
         seq.finish_reason = seq.finish_reason or reason

@@ -12,12 +12,19 @@ fed in chunks, a decode feeds one token. Preemption (recompute) frees the blocks
 reads it. It counts in ``num_tokens``; :meth:`Sequence.feed` gives it as 0, a placeholder the
 runner overwrites on the device.
 
+``block_hashes`` name the contents of the sequence's full blocks for prefix caching
+(:class:`~nbtrt.serving.block_pool.BlockPool`): each hashes its block's tokens and the hash
+before it, so two sequences with equal hashes up to block ``i`` have the same first ``(i + 1) *
+block_size`` tokens, and the same keys and values there.
+
 >>> seq = Sequence("r1", [1, 2, 3], SamplingParams(max_new_tokens=4))  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,6 +59,9 @@ class Sequence:
     finish_time: float | None = None
     preemptions: int = 0
     pending: int = 0  # sampled on the device, not read back yet (overlapped steps)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
+    remembered: int = 0  # leading blocks of block_table the pool already knows by their hash
+    _hashes: list[bytes] = field(default_factory=list, repr=False)
 
     @property
     def tokens(self) -> list[int]:
@@ -69,6 +79,26 @@ class Sequence:
             return self.prompt[start:end]
         known = (self.prompt[start:] if start < n else []) + self.output[max(0, start - n):end - n]
         return known + [0] * (end - start - len(known))
+
+    def token_at(self, p: int) -> int:
+        """The token id at position ``p`` as a decode step feeds it (0 for the pending token):
+        :meth:`feed` of one position, without building lists on the hot path."""
+        n = len(self.prompt)
+        if p < n:
+            return self.prompt[p]
+        return self.output[p - n] if p - n < len(self.output) else 0
+
+    def block_hashes(self, block_size: int, upto: int) -> list[bytes]:
+        """Content hashes of the full blocks among the first ``upto`` tokens known on the host
+        (computed once per block: a sequence's tokens only grow)."""
+        upto = min(upto, len(self.prompt) + len(self.output))
+        while len(self._hashes) < upto // block_size:
+            i = len(self._hashes) * block_size
+            block = (self.prompt[i:i + block_size] if i + block_size <= len(self.prompt)
+                     else self.tokens[i:i + block_size])
+            before = self._hashes[-1] if self._hashes else b""
+            self._hashes.append(hashlib.blake2b(before + array("q", block).tobytes(), digest_size=16).digest())
+        return self._hashes[:upto // block_size]
 
     @property
     def remaining(self) -> int:
@@ -93,4 +123,5 @@ class Sequence:
         queued = None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
         return {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                 "finish_time": self.finish_time, "ttft_s": ttft, "tpot_s": tpot, "queued_s": queued,
-                "num_prompt_tokens": len(self.prompt), "num_generated_tokens": n, "preemptions": self.preemptions}
+                "num_prompt_tokens": len(self.prompt), "num_generated_tokens": n, "preemptions": self.preemptions,
+                "num_cached_tokens": self.cached_tokens}
