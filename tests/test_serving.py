@@ -96,6 +96,11 @@ def test_prefix_caching_shares_blocks_and_changes_no_token(tiny, tiled):
             outs = asyncio.run(staggered(llm, requests, arrivals))
             stats = llm.stats()
             llm.pool.check_no_leaks()
+            params = llm.sampling(max_new_tokens=2, stop_token_ids=())
+            assert llm.generate([requests[0][0]], params, use_tqdm=False)[0].metrics["num_cached_tokens"] > 0
+            llm.reset_prefix_cache()  # forgotten: the same prompt is computed in full
+            assert llm.generate([requests[0][0]], params, use_tqdm=False)[0].metrics["num_cached_tokens"] == 0
+            llm.pool.check_no_leaks()
         for (prompt, new), out in zip(requests, outs):
             assert out.token_ids == alone(tiny.static, prompt, new), f"request {out.request_id} differs"
         cached = [o.metrics["num_cached_tokens"] for o in outs]

@@ -90,6 +90,7 @@ def run_burst(server, requests: list[tuple[str, int]], *, waves_of: int | None =
 
     name = name or (f"static batches of {waves_of}" if waves_of else "in-flight batching")
     model = server.app.state.server.model_name
+    server.llm.reset_prefix_cache()  # every burst starts cold: an earlier burst's prompts are not free
 
     async def one(client, text: str, max_tokens: int, t0: float) -> dict:
         kwargs = ({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})

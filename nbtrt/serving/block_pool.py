@@ -155,6 +155,13 @@ class BlockPool:
         bs = self.block_size
         return [table[i // bs] * bs + i % bs for i in range(start, end)]
 
+    def forget(self) -> None:
+        """Forget every remembered content: evictable blocks are free again, held ones ordinary."""
+        self.free_blocks.extend(self.evictable)
+        self.evictable.clear()
+        self.by_hash.clear()
+        self.hash_of.clear()
+
     def check_no_leaks(self) -> None:
         """Assert every block is back (free or evictable) and none twice (call when no sequence is alive)."""
         back = self.free_blocks + list(self.evictable)

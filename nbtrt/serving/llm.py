@@ -134,6 +134,7 @@ class LLM:
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
+        self._reset_prefix = False
         self._live: dict[str, Sequence] = {}
         self._static_waiting: list[Sequence] = []
         self._counters = {"steps": 0, "overlapped_steps": 0, "tokens_generated": 0, "requests_finished": 0}
@@ -385,6 +386,13 @@ class LLM:
             if not finished:  # closed early, cancelled, or failed: free its blocks now
                 self.abort(seq.request_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache before the next step: the prompts after it are computed in full
+        (a fair start for a before/after measurement on one LLM; vLLM has the same call)."""
+        with self._cv:
+            self._reset_prefix = True
+            self._cv.notify()
+
     def stats(self) -> dict:
         """Live counters (safe to read from any thread)."""
         sched = self.scheduler
@@ -401,12 +409,15 @@ class LLM:
         try:
             while True:
                 with self._cv:
-                    while not (self._stopping or self._inbox or self._aborts or self._has_work()):
+                    while not (self._stopping or self._inbox or self._aborts or self._reset_prefix or self._has_work()):
                         self._cv.wait()
                     if self._stopping:
                         break
                     new, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, set()
+                    reset, self._reset_prefix = self._reset_prefix, False
+                if reset and self.pool is not None:  # here: the loop thread owns the pool
+                    self.pool.forget()
                 for seq in new:
                     if self.scheduler is not None:
                         self.scheduler.add(seq)
