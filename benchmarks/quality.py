@@ -120,12 +120,16 @@ def merge(out: Path, parts: list[Path]) -> dict:
         for key in same:
             if part[key] != result[key]:
                 raise SystemExit(f"{part_path}: {key} {part[key]!r} differs from {out}'s {result[key]!r}")
-        for key in ("evaluation", "seq_len"):
-            if part["settings"][key] != result["settings"][key]:
-                raise SystemExit(f"{part_path}: settings.{key} differ from {out}'s; it is not part of the same run")
+        def same_settings(settings: dict) -> tuple:  # the reference's path is where --work was: not a setting
+            return {k: v for k, v in settings["evaluation"].items() if k != "reference"}, settings["seq_len"]
+
+        if same_settings(part["settings"]) != same_settings(result["settings"]):
+            raise SystemExit(f"{part_path}: settings.evaluation or seq_len differ from {out}'s; not part of the same run")
         if {k: part["settings"]["calibration"][k] for k in ("source", "num_samples", "seq_len", "seed")} != \
                 {k: result["settings"]["calibration"][k] for k in ("source", "num_samples", "seq_len", "seed")}:
             raise SystemExit(f"{part_path}: a different calibration from {out}'s; it is not part of the same run")
+        if not result["eval"]["results"]:  # no engine eval ran yet: the part's settings become the run's
+            result["eval"].update({k: v for k, v in part["eval"].items() if k != "results"})
         if part["eval"]["docs"] != result["eval"]["docs"] or \
                 part["eval"]["max_new_tokens"] != result["eval"]["max_new_tokens"]:
             raise SystemExit(f"{part_path}: different engine-eval settings from {out}'s")
