@@ -281,8 +281,8 @@ def _sampling_from_args(a) -> dict:
 
 
 def _load(engine_dir: str, max_batch_size: int = 1):
-    """The engine behind ``nbtrt.LLM``, the loop the server runs (in-flight batching on a torch
-    engine, static batches elsewhere), with a KV cache for ``max_batch_size`` sequences only."""
+    """An ``nbtrt.LLM`` over the engine directory: the loop the server runs (in-flight batching on a
+    torch engine, static batches elsewhere), with a KV cache for ``max_batch_size`` sequences only."""
     from .serving.llm import LLM
 
     return LLM(engine_dir, max_batch_size=max_batch_size, verbose=False)

@@ -144,8 +144,8 @@ class Scheduler:
 
     def _remember(self, seq: Sequence) -> None:
         """Tell the pool about ``seq``'s blocks filled since the last time (full and computed)."""
-        if not self.pool.prefix_caching:
-            return
+        if not self.pool.prefix_caching or seq.num_computed // self.pool.block_size <= seq.remembered:
+            return  # no block filled since: the usual decode step costs nothing here
         hashes = seq.block_hashes(self.pool.block_size, seq.num_computed)
         for i in range(seq.remembered, len(hashes)):
             self.pool.remember(seq.block_table[i], hashes[i])
