@@ -133,9 +133,10 @@ class BlockPool:
 
     def share(self, hashes: list[bytes]) -> list[int]:
         """The remembered blocks holding the longest run of ``hashes`` from the start, each now
-        held once more (give them back with :meth:`release`)."""
+        held once more (give them back with :meth:`release`). The scheduler calls this and
+        :meth:`remember` only when ``prefix_caching`` is on."""
         blocks = []
-        for h in hashes if self.prefix_caching else ():
+        for h in hashes:
             block = self.by_hash.get(h)
             if block is None:
                 break
@@ -147,7 +148,7 @@ class BlockPool:
 
     def remember(self, block: int, h: bytes) -> None:
         """``block`` is full and computed, with contents ``h``: later prompts may share it."""
-        if self.prefix_caching and h not in self.by_hash and block not in self.hash_of:
+        if h not in self.by_hash and block not in self.hash_of:
             self.by_hash[h], self.hash_of[block] = block, h
 
     def slots(self, table: list[int], start: int, end: int) -> list[int]:

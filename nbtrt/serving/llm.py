@@ -110,7 +110,6 @@ class LLM:
         input_len = min(max_input_len or self.engine.limits.max_input_len, seq_len)
         self.limits = EngineLimits(max_batch_size, input_len, seq_len)
         self.model_name = str(getattr(model, "engine_dir", model)) if not isinstance(model, Engine) else str(model.engine_dir)
-        self.generation_config = dict(self.engine.generation_config)
         self.max_num_tokens = max_num_tokens
         self.pool = self.scheduler = self.runner = None
         if self.inflight:

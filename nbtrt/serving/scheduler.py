@@ -107,7 +107,7 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not batch.preempted:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and self.pool.prefix_caching:
                 self._share_prefix(seq)
             n = min(seq.remaining, budget)
             if not self.pool.can_grow(seq.block_table, seq.num_computed + n):
