@@ -13,9 +13,11 @@ import json
 import numbers
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -249,7 +251,68 @@ def load_hf_model(d: str | os.PathLike, **kwargs):
     refuse_remote_code(d)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, **kwargs)
+    with ctrl_c_held():  # its reader is safetensors': see ctrl_c_held
+        return AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, **kwargs)
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[Callable[[], None]]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block; hand it on at ``check()`` or at the end.
+
+    A Ctrl-C that lands while safetensors' Rust reader is building a tensor comes out as an
+    unrelated ValueError ("could not determine the shape of object type ...UntypedStorage"), so an
+    interrupted load would read as a broken file. Inside the block the signal is only recorded;
+    ``check()``, called between tensors, and the block's end pass it to the handler that was in
+    place (Python's raises KeyboardInterrupt). Off the main thread, or when SIGINT is ignored or
+    left to the OS, there is no Python handler to defer and ``check()`` does nothing.
+
+    >>> with ctrl_c_held() as check:  # doctest: +SKIP
+    ...     for name in f.keys():
+    ...         check()
+    ...         tensors[name] = f.get_tensor(name)
+    """
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield lambda: None
+        return
+    pending: list[int] = []
+
+    def check() -> None:
+        if pending:
+            pending.clear()
+            previous(signal.SIGINT, None)
+
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()
+
+
+def read_safetensors(path: str | os.PathLike, names: Iterable[str] | None = None, *,
+                     remedy: str = "re-run the stage that wrote it", desc: str | None = None) -> dict:
+    """The tensors of one safetensors file (only ``names`` when given), read one at a time so that
+    Ctrl-C stops between tensors as a KeyboardInterrupt (:func:`ctrl_c_held`). A cut or corrupt
+    file is an :class:`ArtifactError` naming the file, the tensor and ``remedy``.
+
+    >>> tensors = read_safetensors("work/ckpt/rank0.safetensors")  # doctest: +SKIP
+    """
+    from safetensors import SafetensorError, safe_open
+    from tqdm.auto import tqdm
+
+    path, name, keep = Path(path), None, None if names is None else set(names)
+    tensors = {}
+    try:
+        with ctrl_c_held() as check, safe_open(str(path), framework="pt") as f:
+            wanted = [n for n in f.keys() if keep is None or n in keep]
+            for name in tqdm(wanted, desc=desc, leave=False, disable=desc is None):
+                check()
+                tensors[name] = f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        where = f"{path}: tensor {name}" if name else str(path)
+        raise ArtifactError(f"{where} is unreadable or truncated ({e}); {remedy}") from None
+    return tensors
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

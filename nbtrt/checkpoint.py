@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ._io import ArtifactError, copy_tokenizer_files, file_sha256, inside, provenance, write_json
+from ._io import (ArtifactError, copy_tokenizer_files, ctrl_c_held, file_sha256, inside, provenance,
+                  read_safetensors, write_json)
 from .config import DecoderConfig, load_checkpoint_config
 from .layouts import check_quantized_tensors, expected_shapes
 
@@ -63,10 +64,7 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = False) -> tuple[De
     path = _weights(ckpt_dir)
     if verify_hash:
         _check_hash(ckpt_dir, meta)
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path} is unreadable or truncated ({e}); re-run the stage that wrote it") from None
+    tensors = read_safetensors(path)
     if cfg.quantization:
         check_quantized_tensors(cfg, tensors, str(ckpt_dir))
     else:
@@ -112,8 +110,9 @@ def verify_checkpoint(ckpt_dir: str | Path) -> None:
     path = _weights(ckpt_dir)
     _check_hash(ckpt_dir, meta)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with ctrl_c_held() as check, safe_open(str(path), framework="pt") as f:
             for name in f.keys():
+                check()
                 check_finite({name: f.get_tensor(name)}, str(ckpt_dir))
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path} is unreadable or truncated ({e}); re-run the stage that wrote it") from None

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from ._io import (ArtifactError, atomic_dir, check_output, eos_list, has_tokenizer, inside, load_tokenizer, read_json,
-                  refuse_remote_code, write_json)
+                  read_safetensors, refuse_remote_code, write_json)
 from .checkpoint import check_finite, check_tensors, save_checkpoint
 from .config import DTYPES, DecoderConfig, check_dtype
 from .mapping import QKV_PARTS, Architecture, Row, architecture_for
@@ -102,13 +101,7 @@ def _load_hf_tensors(src: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
     tensors = {}
     files = _weight_files(src)
     for f in files:
-        with _open(f) as sf:
-            for name in tqdm(list(sf.keys()), desc=f"reading {f.name}", leave=False):
-                if name in wanted:
-                    try:
-                        tensors[name] = sf.get_tensor(name)
-                    except (SafetensorError, OSError) as e:
-                        raise ArtifactError(f"{f}: tensor {name} is unreadable, file truncated? ({e})") from None
+        tensors.update(read_safetensors(f, wanted, remedy="download or copy it again", desc=f"reading {f.name}"))
     return tensors
 
 

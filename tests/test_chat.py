@@ -506,5 +506,5 @@ def test_cli_chat_ctrl_c_while_loading_is_one_line(tiny, delay):
     if "you> " not in out:  # interrupted while loading: one line, exit status 130
         # (or death by SIGINT, which a shell also shows as 130: CPython ends that way when the
         # interrupt passed through C code running Python, as some of torch's import does)
-        assert p.returncode in (130, -signal.SIGINT), p.returncode
+        assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
         assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err

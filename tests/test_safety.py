@@ -5,8 +5,10 @@ import ast
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import nbtrt
 import nbtrt.quantize as nq
-from nbtrt._io import ArtifactError, atomic_dir, copy_tokenizer_files, file_sha256, load_tokenizer
+from nbtrt._io import ArtifactError, atomic_dir, copy_tokenizer_files, file_sha256, load_tokenizer, read_safetensors
 from nbtrt.checkpoint import load_checkpoint, save_checkpoint
 from nbtrt.quantize import QuantizationError
 from nbtrt.testing import tiny_hf_model
@@ -390,3 +392,34 @@ def test_cli_ctrl_c_while_loading_exits_130(tmp_path):
     assert r.returncode == 130, r.stderr
     assert "interrupted" in one_line_error(r)
     assert not out.exists() and leftovers(out) == [], (out.exists(), leftovers(out))
+
+
+def test_ctrl_c_while_reading_safetensors_is_a_keyboard_interrupt(tmp_path):
+    """A SIGINT that lands inside safetensors' Rust reader used to come out as a ValueError ("could not
+    determine the shape of object type ...UntypedStorage"): `nbtrt chat` then exited 2 with that
+    message instead of 130. A kernel timer (no thread of ours, which would need the GIL that the reader
+    holds) interrupts at 60 moments across the read: each is a KeyboardInterrupt or lands after it."""
+    path = tmp_path / "many.safetensors"
+    save_file({f"t{i}": torch.full((64, 64), float(i)) for i in range(3000)}, path)
+    start = time.perf_counter()
+    assert len(read_safetensors(path)) == 3000
+    read_s = time.perf_counter() - start
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
+    previous_alarm = signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGINT))
+    outcomes = []
+    try:
+        for k in range(60):
+            signal.setitimer(signal.ITIMER_REAL, read_s * (k + 1) / 50)
+            try:
+                tensors = read_safetensors(path)
+                time.sleep(read_s)  # an interrupt after the read lands here
+                outcomes.append("read")
+            except KeyboardInterrupt:
+                outcomes.append("interrupted")
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
+        signal.signal(signal.SIGINT, previous)
+    assert outcomes.count("interrupted") >= 30, outcomes
+    assert torch.equal(read_safetensors(path, ["t2999"])["t2999"], torch.full((64, 64), 2999.0))

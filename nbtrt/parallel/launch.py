@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, save
 
+from .._io import read_safetensors
 from .sharding import check_checkpoint_size
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -57,7 +58,7 @@ def run_tensor_parallel(jobs: list[dict], tensor_parallel_size: int, *, timeout_
                 for i, j in enumerate(jobs)]
         (tmp / "job.json").write_text(json.dumps({"runs": runs, "backend": backend, "timeout_s": timeout_s}))
         _launch(tmp, world, timeout_s)
-        return [load_file(r["out"]) for r in runs]
+        return [read_safetensors(r["out"], remedy="run it again") for r in runs]
 
 
 # the engine's channel (see nbtrt/parallel/worker.py): a JSON header line, then safetensors bytes

@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .._io import ArtifactError, atomic_dir, file_sha256, inside, link_or_copy, provenance, write_json
+from .._io import ArtifactError, atomic_dir, file_sha256, inside, link_or_copy, provenance, read_safetensors, write_json
 from ..checkpoint import check_tensors, load_checkpoint
 from ..config import DecoderConfig, load_checkpoint_config
 
@@ -279,10 +278,7 @@ def load_rank_tensors(ckpt_dir: str | Path, world: int, rank: int,
     path = inside(ckpt_dir / rank_file(rank), ckpt_dir, "weight file")
     if verify_hash and file_sha256(path) != meta.get("rank_sha256", [None] * world)[rank]:
         raise ArtifactError(f"{path} does not match the hash recorded in config.json; shard the checkpoint again")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path} is unreadable or truncated ({e}); shard the checkpoint again") from None
+    tensors = read_safetensors(path, remedy="shard the checkpoint again")
     check_tensors(rank_config(cfg, world), tensors, str(path))
     return cfg, tensors
 
