@@ -228,6 +228,43 @@ def refuse_remote_code(d: str | os.PathLike) -> None:
                             "nbtrt; remove them (or use a model that does not need them)")
 
 
+def recorded_source(path: str | os.PathLike) -> Path | None:
+    """The HF directory an nbtrt artifact was made from, following each stage's recorded source
+    (engine -> checkpoint -> ... -> HF dir); None when that chain is broken.
+
+    >>> recorded_source("work/engine")  # doctest: +SKIP
+    PosixPath('/root/.cache/nbtrt/zoo/smollm2-135m-instruct')
+    """
+    path = Path(path)
+    try:
+        if (path / "engine.json").is_file():
+            path = Path(json.loads((path / "engine.json").read_text()).get("checkpoint", {}).get("path", ""))
+        for _ in range(8):
+            config = path / "config.json"
+            if not config.is_file():
+                return None
+            meta = json.loads(config.read_text()).get("nbtrt")
+            if meta is None:
+                return path
+            path = Path(meta.get("source", ""))
+    except (OSError, ValueError, AttributeError):  # unreadable or not the JSON nbtrt writes
+        return None
+    return None
+
+
+def refuse_nbtrt_artifact(d: str | os.PathLike, needs: str) -> None:
+    """Name the mix-up when an nbtrt engine or checkpoint is given where a HuggingFace model is read
+    (HF's own error would be "Unrecognized model ... model_type"), with the HF directory it came from."""
+    d = Path(d)
+    if not is_nbtrt_output(d):
+        return
+    kind = "engine" if (d / "engine.json").is_file() else "checkpoint"
+    source = recorded_source(d)
+    hint = f"; it was made from {source}" if source is not None else ""
+    raise ArtifactError(f"{d} is an nbtrt {kind}, not a HuggingFace model directory; {needs} needs the HF "
+                        f"model (a zoo name or an HF directory){hint}")
+
+
 def load_tokenizer(d: str | os.PathLike):
     """The HF tokenizer in directory ``d``, after refusing remote code and files linked from outside ``d``.
 
@@ -249,6 +286,7 @@ def load_hf_model(d: str | os.PathLike, **kwargs):
     >>> model = load_hf_model(nbtrt.zoo.get("smollm2-135m-instruct"), dtype=torch.float32)  # doctest: +SKIP
     """
     refuse_remote_code(d)
+    refuse_nbtrt_artifact(d, "the HF reference")
     from transformers import AutoModelForCausalLM
 
     with ctrl_c_held():  # its reader is safetensors': see ctrl_c_held

@@ -27,6 +27,7 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
+from ._io import recorded_source
 from .chat_template import ROLES, apply_chat_template, check_messages  # noqa: F401  (nbtrt.chat's public names)
 from .generate import GenerationError, GenerationState, GenerationStats, SamplingParams, check_text
 from .transcript import Reply, finish_reason
@@ -251,16 +252,7 @@ class HFReference:
 def reference_source(engine) -> Path | None:
     """The HF directory an engine was made from, following each stage's recorded source
     (engine -> checkpoint -> ... -> HF dir); None when that chain is broken."""
-    path = Path(engine.manifest.get("checkpoint", {}).get("path", ""))
-    for _ in range(8):
-        config = path / "config.json"
-        if not config.is_file():
-            return None
-        meta = json.loads(config.read_text()).get("nbtrt")
-        if meta is None:
-            return path
-        path = Path(meta.get("source", ""))
-    return None
+    return recorded_source(Path(engine.manifest.get("checkpoint", {}).get("path", "")))
 
 
 # ---------------------------------------------------------------------------- CLI

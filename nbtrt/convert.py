@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ._io import (ArtifactError, atomic_dir, check_output, eos_list, has_tokenizer, inside, load_tokenizer, read_json,
-                  read_safetensors, refuse_remote_code, write_json)
+                  read_safetensors, refuse_nbtrt_artifact, refuse_remote_code, write_json)
 from .checkpoint import check_finite, check_tensors, save_checkpoint
 from .config import DTYPES, DecoderConfig, check_dtype
 from .mapping import QKV_PARTS, Architecture, Row, architecture_for
@@ -28,6 +28,7 @@ def resolve_source(src: str | Path) -> Path:
     path = Path(zoo.resolve(src)).resolve()
     if path.is_dir():
         refuse_remote_code(path)
+        refuse_nbtrt_artifact(path, "this step")
     return path
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import numbers
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,6 +113,7 @@ class EvalResult:
 
     def check(self, threshold: float = DEFAULT_THRESHOLD) -> "EvalResult":
         """Raise :class:`AccuracyCheckFailed` when mean ROUGE-L (percent) is below ``threshold``."""
+        check_threshold(threshold)
         if not self.rougeL >= threshold:
             worst = min(self.documents, key=lambda d: d.rougeL)
             raise AccuracyCheckFailed(
@@ -225,6 +227,8 @@ def eval(engine, reference: str | Path, source: str = "kjv", *, num_docs: int = 
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if num_docs < 1 or prompt_tokens < 1 or max_new_tokens < 1:
         raise ValueError("num_docs, prompt_tokens and max_new_tokens must be at least 1")
+    if threshold is not None:
+        check_threshold(threshold)
     engine_label = str(engine.engine_dir) if isinstance(engine, Engine) else str(engine)
     engine = engine if isinstance(engine, Engine) else load(engine)
     hf, ref_path = _load_hf(reference)
@@ -268,7 +272,14 @@ def add_cli(sub) -> None:
     p.set_defaults(run=_run_cli)
 
 
+def check_threshold(threshold) -> None:
+    """Refuse a ROUGE-L floor outside 0-100 before the documents run, not after."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 100:
+        raise ValueError(f"threshold={threshold!r}: a ROUGE-L floor in percent, 0-100 (e.g. {DEFAULT_THRESHOLD})")
+
+
 def _run_cli(a) -> None:
+    check_threshold(a.threshold)
     r = eval(a.engine, a.reference, a.source, num_docs=a.num_docs, task=a.task, prompt_tokens=a.prompt_tokens,
              max_new_tokens=a.max_new_tokens)
     print(f"ROUGE-1 {r.rouge1:.2f}  ROUGE-2 {r.rouge2:.2f}  ROUGE-L {r.rougeL:.2f}  exact match {r.exact_match:.0%}  "

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import nbtrt
 import nbtrt.quantize as nq
+from nbtrt.cli import main as cli_main
 from nbtrt._io import ArtifactError, atomic_dir, copy_tokenizer_files, file_sha256, load_tokenizer, read_safetensors
 from nbtrt.checkpoint import load_checkpoint, save_checkpoint
 from nbtrt.quantize import QuantizationError
@@ -377,6 +378,34 @@ def test_cli_nbtrt_errors_are_one_line(hf, tmp_path):
     assert r.returncode == 2 and "run nbtrt.convert() on it first" in one_line_error(r)
     r = run_cli("build", tmp_path / "missing", tmp_path / "engine", "--backend", "torch")
     assert r.returncode == 2 and "missing" in one_line_error(r)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["serve", "{engine}", "--port", "99999"], "port=99999 is not a TCP port"),
+    (["serve", "{engine}", "--max-batch-size", "0"], "max_batch_size=0 must be an integer >= 1"),
+    (["serve", "{engine}", "--max-queue", "-1"], "max_queue=-1"),
+    (["eval", "{engine}", "{hf}", "--threshold", "200"], "threshold=200.0: a ROUGE-L floor in percent"),
+    (["bench-serving", "{engine}", "--requests", "0"], "num_prompts=0"),
+    (["bench-serving", "{engine}", "--rates", "1,x"], "--rates '1,x'"),
+    (["bench-serving", "{engine}", "--rates", "-1"], "rates [-1.0] are not arrival rates"),
+    (["bench-serving", "{engine}", "--static-batch-size", "0"], "static_batch_size=0"),
+    (["bench", "{hf}", "--batch", "x"], "--batch 'x'"),
+    (["bench", "{hf}", "--repeats", "0"], "repeats=0"),
+    (["convert", "{engine}", "{tmp}/ckpt"], "is an nbtrt engine, not a HuggingFace model directory"),
+    (["bench", "{ckpt}"], "is an nbtrt checkpoint, not a HuggingFace model directory"),
+])
+def test_cli_bad_sizes_and_mixed_up_directories_are_named_before_loading(hf, ckpt, engine_dir, tmp_path, capsys,
+                                                                         args, words):
+    """In the CLI's own process: these used to end in an OverflowError traceback, numpy's "scale < 0",
+    "max() arg is an empty sequence", HF's "Unrecognized model" for an nbtrt directory, a server that
+    started with a negative queue, or a whole eval run against a ROUGE-L floor of 200%."""
+    paths = dict(engine=engine_dir, hf=hf, ckpt=ckpt, tmp=tmp_path)
+    assert cli_main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+    if "nbtrt" in words:  # the HF directory the artifact was made from, where to go instead
+        assert str(hf) in err, err
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_cli_ctrl_c_while_loading_exits_130(tmp_path):

@@ -314,6 +314,20 @@ def test_request_that_can_never_fit_is_refused_at_submit(tiny):
         llm.pool.check_no_leaks()
 
 
+@pytest.mark.parametrize("option, words", [
+    (dict(block_size=0), "block_size=0 must be an integer >= 1"),
+    (dict(max_seq_len=0), "max_seq_len=0 must be an integer >= 1"),
+    (dict(num_blocks=2.5), "num_blocks=2.5 must be an integer >= 1"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization=1.5 is the fraction"),
+    (dict(gpu_memory_utilization=0), "gpu_memory_utilization=0 is the fraction"),
+])
+def test_bad_llm_options_are_named_before_anything_loads(tiny, option, words):
+    """block_size=0 was a ZeroDivisionError; max_seq_len=0 and a utilization of 1.5 or 0 were taken."""
+    with pytest.raises(ValueError) as e:
+        nbtrt.LLM(tiny.edir, verbose=False, **option)
+    assert words in str(e.value)
+
+
 def test_abort_frees_blocks_within_one_step(tiny):
     with nbtrt.LLM(tiny.edir, max_batch_size=4, block_size=4, num_blocks=64, verbose=False) as llm:
         params = llm.sampling(max_new_tokens=200, stop_token_ids=())

@@ -24,7 +24,11 @@ def add_cli(sub) -> None:
     p.add_argument("--out", default=None, help="write the JSON here")
 
     def run(a):
-        loads = [fixed(int(b), a.input_len, a.output_len, a.repeats) for b in a.batch.split(",") if b]
+        try:
+            batches = [int(b) for b in a.batch.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"--batch {a.batch!r}: comma-separated batch sizes, e.g. 1,8,32") from None
+        loads = [fixed(b, a.input_len, a.output_len, a.repeats) for b in batches]
         if a.sharegpt:
             loads.append(sharegpt_like(a.sharegpt, scale=a.scale, max_input_len=1024, max_output_len=1024))
         result = bench(a.model, [r for r in a.runners.split(",") if r], loads, device=a.device, dtype=a.dtype,

@@ -18,6 +18,8 @@ TPOT and inter-token latency (ITL) P50/P95/P99, KV blocks in use (peak, mean).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import threading
 import time
 from pathlib import Path
@@ -118,6 +120,13 @@ def bench_serving(model, workload: Workload | None = None, rates: list[float] | 
     from ..serving.llm import LLM
 
     workload = workload or sharegpt_like(16, seed=0, scale=0.05)
+    if not workload.lengths:
+        raise ValueError(f"workload {workload.name!r} has no requests; give it at least one")
+    if isinstance(static_batch_size, bool) or not isinstance(static_batch_size, int) or static_batch_size < 1:
+        raise ValueError(f"static_batch_size={static_batch_size!r} must be an integer >= 1")
+    bad = [r for r in rates if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r < math.inf]
+    if bad:
+        raise ValueError(f"rates {bad} are not arrival rates: each is a number of requests/s > 0")
     opts = {k: llm_options.pop(k) for k in ("device", "dtype", "work_dir") if k in llm_options}
     engine = resolve_engine(model, "torch", max_batch_size=max(static_batch_size, max_batch_size),
                             max_input_len=max(n for n, _ in workload.lengths),
@@ -206,8 +215,12 @@ def add_cli(sub) -> None:
     p.add_argument("--out", default=None, help="write the JSON here (e.g. benchmarks/results/serving_cpu.json)")
 
     def run(a):
+        try:
+            rates = [float(r) for r in a.rates.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"--rates {a.rates!r}: comma-separated numbers (requests/s), e.g. 0.5,1,2") from None
         result = bench_serving(a.model, sharegpt_like(a.requests, seed=0, scale=a.scale),
-                               [float(r) for r in a.rates.split(",") if r], static_batch_size=a.static_batch_size,
+                               rates, static_batch_size=a.static_batch_size,
                                max_batch_size=a.max_batch_size, max_num_tokens=a.max_num_tokens, device=a.device,
                                dtype=a.dtype, out=a.out)
         print(table(result))

@@ -24,6 +24,10 @@ class Workload:
 
 def fixed(batch: int, input_len: int, output_len: int, repeats: int = 3) -> Workload:
     """``batch`` identical-shape requests run as one batch."""
+    sizes = dict(batch=batch, input_len=input_len, output_len=output_len, repeats=repeats)
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in bad.items())}: each must be an integer >= 1")
     return Workload(f"fixed b{batch} in{input_len} out{output_len}", ((input_len, output_len),) * batch,
                     batch_size=batch, repeats=repeats)
 
@@ -43,6 +47,9 @@ def sharegpt_like(num_prompts: int = 100, seed: int = 0, scale: float = 1.0, max
     >>> len(w.lengths), w.lengths == sharegpt_like(100, seed=0).lengths
     (100, True)
     """
+    if num_prompts < 1 or scale <= 0:
+        raise ValueError(f"num_prompts={num_prompts} and scale={scale} must be >= 1 and > 0 (a mix of at least "
+                         "one request, lengths scaled by a positive factor)")
     g = np.random.default_rng(seed)
 
     def draw(mean: float, sigma: float, lo: int, hi: int) -> np.ndarray:

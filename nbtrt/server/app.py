@@ -33,11 +33,18 @@ RECENT_REQUESTS = 4096  # finished requests whose metrics the server keeps (newe
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
 
 
+def check_max_queue(max_queue: int | None) -> None:
+    if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+        raise ValueError(f"max_queue={max_queue!r}: the requests that may wait beyond a full batch, an integer "
+                         ">= 0 (0: none wait, 429 at once)")
+
+
 class ServerState:
     """What the routes share: the LLM, the served name, limits and metrics."""
 
     def __init__(self, llm, *, served_model_name: str | None = None, max_queue: int | None = None,
                  default_max_tokens: int = 512):
+        check_max_queue(max_queue)
         self.llm = llm
         self.model_name = served_model_name or llm.model_name
         self.limits = llm.limits

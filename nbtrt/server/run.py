@@ -14,7 +14,7 @@ import warnings
 
 import uvicorn
 
-from .app import create_app
+from .app import check_max_queue, create_app
 
 
 def check_host(host: str, allow_remote: bool) -> None:
@@ -34,6 +34,8 @@ def check_host(host: str, allow_remote: bool) -> None:
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (bound here, so a busy port fails in the caller and port=0 is known at once)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port={port!r} is not a TCP port: pick one in 0-65535 (0 = any free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -133,6 +135,7 @@ def make_server(model_or_llm, *, host: str = "127.0.0.1", port: int = 0, api_key
                 log_level: str = "warning", **llm_options) -> ServerHandle:
     """The server, bound but not started (see :func:`serve`)."""
     check_host(host, allow_remote)
+    check_max_queue(max_queue)  # before the model loads
     sock = bind(host, port)
     try:
         llm, owned = _as_llm(model_or_llm, llm_options)

@@ -70,8 +70,10 @@ class BlockPool:
 
     def __init__(self, cfg: DecoderConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str, prefix_caching: bool = True):
-        if block_size < 1 or num_blocks < 2:
-            raise ValueError(f"block_size={block_size} and num_blocks={num_blocks} must be >= 1 and >= 2")
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1 (tokens a KV block holds)")
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 2 (block 0 is never handed out: padded rows write there)")
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
