@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import ROPE_TYPES, DecoderConfig
+from .errors import is_whole
 
 QKV_PARTS = ("q", "k", "v")
 
@@ -173,7 +174,7 @@ def parse_hf_config(arch: "Architecture", hf: dict):
 
 def _count(config, key: str, arch: str, minimum: int = 1) -> int:
     value = getattr(config, key, None)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_whole(value, minimum):
         raise UnsupportedModelError(f"{arch}: config.json {key}={value!r} must be an integer >= {minimum}")
     return value
 

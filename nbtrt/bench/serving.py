@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import is_whole
 from ..generate import SamplingParams
 from .report import results_dir
 from .runners import machine
@@ -122,7 +123,7 @@ def bench_serving(model, workload: Workload | None = None, rates: list[float] | 
     workload = workload or sharegpt_like(16, seed=0, scale=0.05)
     if not workload.lengths:
         raise ValueError(f"workload {workload.name!r} has no requests; give it at least one")
-    if isinstance(static_batch_size, bool) or not isinstance(static_batch_size, int) or static_batch_size < 1:
+    if not is_whole(static_batch_size, 1):
         raise ValueError(f"static_batch_size={static_batch_size!r} must be an integer >= 1")
     bad = [r for r in rates if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r < math.inf]
     if bad:

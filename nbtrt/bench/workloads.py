@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import is_whole
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -25,7 +27,7 @@ class Workload:
 def fixed(batch: int, input_len: int, output_len: int, repeats: int = 3) -> Workload:
     """``batch`` identical-shape requests run as one batch."""
     sizes = dict(batch=batch, input_len=input_len, output_len=output_len, repeats=repeats)
-    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    bad = {k: v for k, v in sizes.items() if not is_whole(v, 1)}
     if bad:
         raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in bad.items())}: each must be an integer >= 1")
     return Workload(f"fixed b{batch} in{input_len} out{output_len}", ((input_len, output_len),) * batch,

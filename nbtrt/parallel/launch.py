@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load, save
 
 from .._io import read_safetensors
+from ..errors import is_whole
 from .sharding import check_checkpoint_size
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -42,7 +43,7 @@ def run_tensor_parallel(jobs: list[dict], tensor_parallel_size: int, *, timeout_
     torch.Size([1, 8])
     """
     world = tensor_parallel_size
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+    if not is_whole(world, 1):
         raise ValueError(f"tensor_parallel_size={world!r} must be an integer >= 1")
     if backend != "gloo":  # NCCL needs each rank placed on its own GPU: not done yet (docs/parallel.md)
         raise ValueError(f"backend={backend!r}: only 'gloo' (CPU) is supported so far")

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .._io import ArtifactError, atomic_dir, file_sha256, inside, link_or_copy, provenance, read_safetensors, write_json
+from .._io import (ArtifactError, atomic_dir, file_sha256, inside, link_or_copy, provenance, read_safetensors,
+                   write_json)
 from ..checkpoint import check_tensors, load_checkpoint
 from ..config import DecoderConfig, load_checkpoint_config
+from ..errors import is_whole
 
 # How each tensor of an unsharded checkpoint is split, by name ("{layer}": any block index).
 #   column     split the output dimension (dim 0): each rank computes a slice of the outputs
@@ -69,7 +71,7 @@ def sharding_of(name: str) -> str:
 
 def check_world_size(cfg: DecoderConfig, world: int) -> None:
     """A ValueError naming the count that ``world`` does not divide (and the sizes that would work)."""
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+    if not is_whole(world, 1):
         raise ValueError(f"tensor_parallel_size={world!r} must be an integer >= 1")
     problems = []
     if cfg.num_heads % world:

@@ -24,6 +24,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..errors import is_whole
 from ..generate import GenerationError
 from . import protocol
 from .metrics import ServerMetrics
@@ -34,7 +35,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 
 
 def check_max_queue(max_queue: int | None) -> None:
-    if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+    if max_queue is not None and not is_whole(max_queue, 0):
         raise ValueError(f"max_queue={max_queue!r}: the requests that may wait beyond a full batch, an integer "
                          ">= 0 (0: none wait, 429 at once)")
 

@@ -14,6 +14,7 @@ import warnings
 
 import uvicorn
 
+from ..errors import is_whole
 from .app import check_max_queue, create_app
 
 
@@ -34,7 +35,7 @@ def check_host(host: str, allow_remote: bool) -> None:
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (bound here, so a busy port fails in the caller and port=0 is known at once)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    if not is_whole(port, 0, 65535):
         raise ValueError(f"port={port!r} is not a TCP port: pick one in 0-65535 (0 = any free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

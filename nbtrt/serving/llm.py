@@ -25,6 +25,7 @@ from typing import AsyncIterator, Iterator
 import torch
 
 from ..engine import Engine, EngineLimits
+from ..errors import is_whole
 from ..generate import Detokenizer, GenerationError, GenerationState, GenerationStats, SamplingParams
 from .artifacts import resolve_engine, tensor_parallel_engine
 from .block_pool import BlockPool, blocks_for_memory
@@ -78,13 +79,13 @@ class LLM:
                  warmup: bool = True, verbose: bool = True, batching: str | None = None, tiled: bool | None = None,
                  overlap: bool = True, prefix_caching: bool = True, tensor_parallel_size: int = 1):
         tp = tensor_parallel_size
-        if not _positive_int(tp):
+        if not is_whole(tp, 1):
             raise ValueError(f"tensor_parallel_size={tp!r} must be an integer >= 1 (1: one process, no tensor "
                              "parallelism; N: N rank processes, each holding 1/N of the model)")
         sizes = dict(max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
                      max_num_tokens=max_num_tokens, block_size=block_size, num_blocks=num_blocks)
         for name, value in sizes.items():  # before anything loads: a typo costs no wait
-            if value is not None and not _positive_int(value):
+            if value is not None and not is_whole(value, 1):
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, numbers.Real) \
                 or not 0 < gpu_memory_utilization <= 1:
@@ -659,10 +660,6 @@ class _Pending:
         if self._done is not None:
             self._done.synchronize()
         return self._host.tolist()
-
-
-def _positive_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
 
 
 def _activation_bytes(cfg, max_num_tokens: int, max_batch_size: int, dtype: torch.dtype) -> int:
